@@ -1,0 +1,270 @@
+"""Token data: nanoGPT-format `.bin` files, a data order fixed by the seed, and text -> `.bin` preparation.
+
+A `.bin` file is a flat little-endian array of token ids (uint16, or uint32 for vocabularies above 65536).
+`prepare` also writes `tokenizer.json` (Hugging Face `tokenizers` format) and `meta.json` beside the bins.
+
+Data order (pico's principle): the training file is cut into chunks of seq_len + 1 tokens (inputs and labels
+shifted by one, neighbouring chunks sharing one token). Row g = step * batch + i of the global batch is chunk
+perm_e[g mod n_chunks] with e = g // n_chunks and perm_e a permutation drawn from (seed, e): one pass over the
+data per epoch, and the batch at a step is a pure function of (seed, step) whatever the device or process count.
+
+    python data.py prepare --out data/mytext --tokenizer bpe --vocab-size 8192 a.txt b.txt
+    python data.py prepare --out data/mytext --tokenizer path/to/tokenizer.json notes/*.md
+"""
+import argparse
+import functools
+import json
+import lzma
+import os
+import queue
+import threading
+from pathlib import Path
+
+import jax
+import numpy as np
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "wiki.txt.xz"  # 104 English Wikipedia articles, CC BY-SA
+EOT = "<|endoftext|>"
+SCAN_LIMIT = 1 << 28  # files up to this many tokens are scanned for out-of-vocab ids when opened
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------- preparation
+
+def train_bpe(docs, vocab_size: int):
+    """A byte-level BPE (GPT-2 style pre-tokenization) trained on `docs`; deterministic for the same input."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(docs, trainer)
+    return tok
+
+
+def load_tokenizer(path):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(path))
+
+
+def read_docs(files) -> list[str]:
+    """Documents from text files (.txt, or .xz compressed); blank-line triples separate documents in a file."""
+    docs = []
+    for f in map(Path, files):
+        if not f.exists():
+            raise DataError(f"input text file {f} does not exist")
+        text = lzma.open(f, "rt", encoding="utf-8").read() if f.suffix == ".xz" else f.read_text(encoding="utf-8")
+        docs += [d.strip() for d in text.split("\n\n\n") if d.strip()]
+    if not docs:
+        raise DataError(f"no text found in {list(map(str, files))}")
+    return docs
+
+
+def prepare(files, out_dir, tokenizer: str = "bpe", vocab_size: int = 4096, valid_every: int = 20) -> Path:
+    """Tokenize text files into out_dir/{train,valid}.bin + tokenizer.json + meta.json.
+
+    tokenizer: "bpe" trains a byte-level BPE of `vocab_size` on the training documents; otherwise a path to a
+    `tokenizer.json` or a Hugging Face Hub name (`tokenizers.Tokenizer.from_pretrained`). Every `valid_every`-th
+    document goes to valid.bin (the last 5% of tokens if there is only one document). Files appear atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = read_docs(files)
+    is_valid = [(i + 1) % valid_every == 0 for i in range(len(docs))]
+    if len(docs) > 1 and not any(is_valid):
+        is_valid[-1] = True
+    train_docs = [d for d, v in zip(docs, is_valid) if not v]
+    valid_docs = [d for d, v in zip(docs, is_valid) if v]
+    if tokenizer == "bpe":
+        tok = train_bpe(train_docs, vocab_size)
+    elif Path(tokenizer).exists():
+        tok = load_tokenizer(tokenizer)
+    else:
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_pretrained(tokenizer)
+    vocab = tok.get_vocab_size()
+    eot = tok.token_to_id(EOT)
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+
+    def encode(ds):
+        ids = []
+        for enc in tok.encode_batch(ds):
+            ids += enc.ids + ([eot] if eot is not None else [])
+        return np.asarray(ids, dtype=dtype)
+
+    train, valid = encode(train_docs), encode(valid_docs)
+    if not valid_docs:  # one document: hold out its tail
+        cut = int(len(train) * 0.95)
+        train, valid = train[:cut], train[cut:]
+    for name, arr in (("train.bin", train), ("valid.bin", valid)):
+        tmp = out / (name + ".tmp")
+        arr.tofile(tmp)
+        os.replace(tmp, out / name)
+    tok.save(str(out / "tokenizer.json"))
+    meta = dict(vocab_size=vocab, dtype=np.dtype(dtype).name, train_tokens=int(len(train)),
+                valid_tokens=int(len(valid)), eot_id=eot, tokenizer=tokenizer, sources=[str(f) for f in files])
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def builtin_corpus(cache_dir, vocab_size: int = 4096) -> Path:
+    """The built-in corpus (corpus/wiki.txt.xz, real English) as .bin files, prepared on first use."""
+    out = Path(os.path.expanduser(cache_dir)) / f"wiki-bpe{vocab_size}"
+    if not (out / "meta.json").exists():
+        print(f"preparing the built-in corpus in {out} (once)")
+        prepare([CORPUS], out, "bpe", vocab_size)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def open_tokens(path, dtype: str, vocab_size: int, seq_len: int) -> np.memmap:
+    """Memory-map a .bin file, checking what can be checked cheaply before any compile."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist; set data.dir to a folder holding train.bin and valid.bin "
+                        f"(make one with `python data.py prepare --out DIR files...`), or data.dir=null for the built-in corpus")
+    dt = np.dtype(dtype)
+    meta = path.parent / "meta.json"
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        if m.get("dtype") and m["dtype"] != dt.name:
+            raise DataError(f"{path} holds {m['dtype']} tokens (meta.json) but data.token_dtype={dt.name}; "
+                            f"set data.token_dtype={m['dtype']}")
+        if m.get("vocab_size", 0) > vocab_size:
+            raise DataError(f"{path}'s tokenizer has {m['vocab_size']} tokens but model.vocab_size={vocab_size}; "
+                            f"set model.vocab_size>={m['vocab_size']}")
+    size = path.stat().st_size
+    if size % dt.itemsize:
+        raise DataError(f"{path} is {size} bytes, not a multiple of {dt.itemsize} ({dt.name} tokens): the file is "
+                        f"truncated or not {dt.name}; check data.token_dtype (uint16, or uint32 for vocabularies > 65536)")
+    n = size // dt.itemsize
+    if n < seq_len + 1:
+        raise DataError(f"{path} holds {n} tokens, fewer than model.seq_len + 1 = {seq_len + 1}; "
+                        f"lower model.seq_len or use more data")
+    tokens = np.memmap(path, dtype=dt, mode="r")
+    if n <= SCAN_LIMIT:
+        check_ids(tokens, vocab_size, path)
+    return tokens
+
+
+def check_ids(ids, vocab_size: int, path):
+    top = int(ids.max())
+    if top >= vocab_size:
+        raise DataError(f"{path} contains token id {top} >= model.vocab_size={vocab_size}; set model.vocab_size "
+                        f"above {top} (the tokenizer's vocabulary size) or re-tokenize the data")
+
+
+def unigram_entropy(tokens, vocab_size: int) -> float:
+    """Entropy (nats) of the token frequencies: the loss of the best model that ignores context."""
+    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def local_rows(sharding, shape) -> tuple[int, int]:
+    """The contiguous rows [lo, hi) of a global [B, ...] array that this process's devices hold."""
+    spans = {(s[0].start or 0, shape[0] if s[0].stop is None else s[0].stop)
+             for s in sharding.addressable_devices_indices_map(shape).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:
+        raise DataError(f"this process's rows of the batch are not contiguous ({sorted(spans)}); "
+                        "order the mesh's devices by process")
+    return lo, hi
+
+
+def to_global(rows_fn, sharding, shape) -> jax.Array:
+    """Build a global array from this process's rows only (`rows_fn(lo, hi)` reads them)."""
+    lo, hi = local_rows(sharding, shape)
+    return jax.make_array_from_process_local_data(sharding, rows_fn(lo, hi), shape)
+
+
+class TrainData:
+    """The global training batch at step s, a pure function of (seed, s): tokens [B, T + 1]."""
+
+    def __init__(self, tokens, seed: int, batch_size: int, seq_len: int, vocab_size: int, path="train.bin"):
+        self.tokens, self.seed, self.B, self.T, self.V, self.path = tokens, seed, batch_size, seq_len, vocab_size, path
+        self.n_chunks = (len(tokens) - 1) // seq_len
+
+    @functools.lru_cache(maxsize=2)
+    def perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
+
+    def rows(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows lo..hi of the global batch at `step`, [hi - lo, T + 1] int32."""
+        g = step * self.B + np.arange(lo, self.B if hi is None else hi)
+        starts = np.array([self.perm(e)[c] for e, c in zip(g // self.n_chunks, g % self.n_chunks)]) * self.T
+        out = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int32)
+        if self.n_chunks * self.T > SCAN_LIMIT:  # large files are checked batch by batch instead of upfront
+            check_ids(out, self.V, self.path)
+        return out
+
+    def batch(self, step: int, sharding) -> jax.Array:
+        return to_global(lambda lo, hi: self.rows(step, lo, hi), sharding, (self.B, self.T + 1))
+
+
+def valid_batches(tokens, batch_size: int, seq_len: int, max_tokens: int | None, sharding, path="valid.bin"):
+    """Consecutive non-overlapping chunks of the validation file, the same every time; drops a partial batch."""
+    n_chunks = (len(tokens) - 1) // seq_len
+    if max_tokens:
+        n_chunks = min(n_chunks, max(1, max_tokens // seq_len))
+    n_batches = n_chunks // batch_size
+    if n_batches == 0:
+        raise DataError(f"{path} holds {n_chunks} sequences of model.seq_len + 1 tokens, fewer than "
+                        f"eval.batch_size={batch_size}; lower eval.batch_size or model.seq_len, or raise eval.max_tokens")
+
+    def rows(b, lo, hi):
+        starts = (b * batch_size + np.arange(lo, hi)) * seq_len
+        return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
+
+    for b in range(n_batches):
+        yield to_global(functools.partial(rows, b), sharding, (batch_size, seq_len + 1))
+
+
+def prefetch(make, steps, depth: int = 2):
+    """Yield make(s) for s in steps, built `depth` ahead in a thread so reading never stalls the device."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for s in steps:
+                if stop.is_set():
+                    return
+                q.put((s, make(s)))
+        except BaseException as e:  # surface reader errors in the training thread
+            q.put((None, e))
+        q.put((None, None))
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+        while True:
+            s, item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            if s is None:
+                return
+            yield s, item
+    finally:
+        stop.set()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pp = sub.add_parser("prepare", help="tokenize text files into train.bin / valid.bin")
+    pp.add_argument("files", nargs="+", help="text files (.txt or .txt.xz); documents separated by two blank lines")
+    pp.add_argument("--out", required=True, help="output folder")
+    pp.add_argument("--tokenizer", default="bpe", help="'bpe' (train one), a tokenizer.json path, or a Hub name")
+    pp.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size when training a BPE")
+    pp.add_argument("--valid-every", type=int, default=20, help="every n-th document goes to valid.bin")
+    a = p.parse_args(argv)
+    out = prepare(a.files, a.out, a.tokenizer, a.vocab_size, a.valid_every)
+    print(json.dumps(json.loads((out / "meta.json").read_text()), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The pico-decoder (SPEC §1) in Flax NNX, with KV-cache decoding.
+
+    h      = x + Attn(RMSNorm(x))
+    out    = h + SwiGLU(RMSNorm(h))
+    logits = Linear_untied(RMSNorm(out))
+
+Dimensions, used in every shape comment and einsum string:
+    B batch, T time (queries), S time (keys / cache), D d_model, H query heads, K kv heads,
+    E head dim, F hidden, V vocab, L layers, R lora rank.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
+# (names carry the dims); everything is replicated over `data`. The batch is split over both axes.
+SHARDING = {
+    "embed_VD": (None, "fsdp"),
+    "q_DX": ("fsdp", None),      # X = H*E
+    "kv_DX": ("fsdp", None),     # X = K*E
+    "o_XD": (None, "fsdp"),
+    "mlp_in_DF": ("fsdp", None),
+    "mlp_out_FD": (None, "fsdp"),
+    "head_DV": ("fsdp", None),
+    "norm_D": (None,),
+}
+BATCH_AXES = ("data", "fsdp")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50304
+    seq_len: int = 2048
+    d_model: int = 768
+    n_layers: int = 12
+    n_heads: int = 12
+    n_kv_heads: int = 4
+    d_hidden: int = 3072
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    dtype: str = "bfloat16"  # compute dtype; params stay float32
+    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
+    remat: bool = False  # recompute each block's activations in the backward pass
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelConfig":
+        """Build from the `model:` config block, rejecting unknown keys (`relora` is read by relora.py)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in dict(d).items() if k != "relora"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; known model keys: {sorted(known)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self):
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                              "choose n_heads that divides d_model")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
+                              "grouped-query attention needs n_kv_heads to divide n_heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim d_model/n_heads = {self.head_dim} is odd; RoPE needs an even head dim")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ConfigError(f"model.attention={self.attention!r}; use auto, xla or cudnn")
+        jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+
+def normal(std):
+    return jax.nn.initializers.normal(std)
+
+
+def param(value, sharding: str) -> nnx.Param:
+    """A float32 parameter carrying its SHARDING entry; placed sharded at once when a mesh is set."""
+    return nnx.Param(value, out_sharding=SHARDING[sharding],
+                     eager_sharding=not jax.sharding.get_abstract_mesh().empty)
+
+
+class Linear(nnx.Module):
+    """y = x @ W, no bias; W [in, out] kept in float32 and cast to the compute dtype."""
+
+    def __init__(self, d_in: int, d_out: int, sharding: str, cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None):
+        init = normal(cfg.init_std if std is None else std)
+        self.kernel = param(init(rngs.params(), (d_in, d_out), jnp.float32), sharding)
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x):  # [..., in] -> [..., out]
+        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.scale = param(jnp.ones((cfg.d_model,), jnp.float32), "norm_D")
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x):  # [B, T, D]
+        x32 = x.astype(jnp.float32)  # SPEC §1: computed in float32, cast back
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+    """sin, cos of shape [..., T, E/2] for integer positions [..., T]."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x, sin, cos):
+    """Rotate halves (x[:E/2], x[E/2:]), the Hugging Face Llama convention, so export needs no permutation.
+    x [B, T, N, E]; sin, cos [B, T, E/2]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
+        self.q = Linear(D, H * E, "q_DX", cfg, rngs)
+        self.k = Linear(D, K * E, "kv_DX", cfg, rngs)
+        self.v = Linear(D, K * E, "kv_DX", cfg, rngs)
+        self.o = Linear(H * E, D, "o_XD", cfg, rngs, std=out_std)
+        self.cfg = cfg
+
+    def __call__(self, x, sin, cos, cache=None, pos=None):
+        """x [B, T, D]. Without a cache: causal self-attention. With a cache (k, v each [B, S, K, E]),
+        the T new tokens sit at positions pos..pos+T-1 and attend to every cached position up to their own."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)  # [B, T, H, E]
+        k = self.k(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
+        v = self.v(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
+        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        impl = None if cfg.attention == "auto" else cfg.attention
+        if cache is None:
+            # GQA is native here: query head h reads kv head h // (H / K). Picks cuDNN flash attention on GPUs.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        else:
+            k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
+            S = k_cache.shape[1]
+            mask = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]  # [T, S]
+            out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                               mask=mask[None, None], implementation="xla")
+            cache = (k_cache, v_cache)
+        return self.o(out.reshape(B, T, -1)), cache
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_hidden
+        self.gate = Linear(D, F, "mlp_in_DF", cfg, rngs)
+        self.up = Linear(D, F, "mlp_in_DF", cfg, rngs)
+        self.down = Linear(F, D, "mlp_out_FD", cfg, rngs, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x):  # [B, T, D]
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg)
+        self.attention = Attention(cfg, rngs)
+        self.swiglu_norm = RMSNorm(cfg)
+        self.swiglu = SwiGLU(cfg, rngs)
+
+    def __call__(self, x, sin, cos, cache=None, pos=None):
+        a, cache = self.attention(self.attention_norm(x), sin, cos, cache, pos)
+        h = x + a
+        return h + self.swiglu(self.swiglu_norm(h)), cache
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = param(normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
+                           "embed_VD")
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg)
+        self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
+
+    def __call__(self, tokens, cache=None, pos=0):
+        """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
+        positions pos..pos+T-1 and the updated cache is returned too."""
+        B, T = tokens.shape
+        x = self.embed[...].astype(self.cfg.dtype)[tokens]  # [B, T, D]
+        positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
+        sin, cos = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            if cache is None and self.cfg.remat:
+                x, _ = nnx.remat(lambda blk, x: blk(x, sin, cos))(block, x)
+            else:
+                x, c = block(x, sin, cos, None if cache is None else cache[i], pos)
+                new_cache.append(c)
+        logits = self.head(self.norm(x)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, length: int, dtype=None):
+        """A zero KV cache of fixed size: per layer (k, v), each [B, S, K, E]."""
+        c = self.cfg
+        shape = (batch, length, c.n_kv_heads, c.head_dim)
+        return [(jnp.zeros(shape, dtype or c.dtype), jnp.zeros(shape, dtype or c.dtype)) for _ in range(c.n_layers)]
+
+
+def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+
+
+def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """Pick one token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest set whose mass reaches top_p (always at least the most likely token)
+        cutoff_idx = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+def generate(model: Decoder, prompt, max_new_tokens: int, key, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0):
+    """Decode with a fixed-size KV cache: one prefill of the prompt [B, P], then one jitted loop step per token
+    (a lax.scan, so nothing recompiles per token). Returns [B, P + max_new_tokens]."""
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, top_p)
+
+
+@jax.jit(static_argnums=(0, 4, 5, 6, 7))
+def _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, top_p):
+    model = nnx.merge(graphdef, state)
+    B, P = prompt.shape
+    cache = model.init_cache(B, P + max_new_tokens)
+    logits, cache = model(prompt, cache=cache, pos=0)
+    keys = jax.random.split(key, max_new_tokens)
+    first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
+
+    def step(carry, key_i):
+        tok, cache, pos = carry
+        logits, cache = model(tok[:, None], cache=cache, pos=pos)
+        nxt = sample_logits(logits[:, -1], key_i, temperature, top_k, top_p)
+        return (nxt, cache, pos + 1), tok
+
+    (last, _, _), toks = jax.lax.scan(step, (first, cache, P), keys[1:])
+    new = jnp.concatenate([toks.T, last[:, None]], axis=1) if max_new_tokens > 1 else last[:, None]
+    return jnp.concatenate([prompt, new], axis=1)

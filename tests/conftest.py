@@ -1,0 +1,43 @@
+"""Tests run on CPU with 8 virtual devices, so every sharding path is exercised."""
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["WANDB_MODE"] = "disabled"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+TINY = [  # a model small enough to compile and step in seconds
+    "model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "data.batch_size=16", "eval.batch_size=8", "eval.max_tokens=2048", "train.steps=3", "train.log_every=1",
+    "eval.every_steps=0", "sample.max_new_tokens=4", "opt.warmup_steps=1", "wandb.mode=disabled",
+]
+
+
+def make_cfg(*overrides, config="local"):
+    """Compose a config exactly as `python main.py -cn CONFIG overrides...` would."""
+    import train  # noqa: F401  (registers the config resolvers, as main.py's import does)
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        return compose(config, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory):
+    """A data.cache_dir holding the built-in corpus, prepared once per session."""
+    import data
+    cache = tmp_path_factory.mktemp("cache")
+    data.builtin_corpus(cache)
+    return cache
+
+
+@pytest.fixture
+def tiny_cfg(corpus_cache, tmp_path):
+    """Factory: the tiny local config on the built-in corpus, writing into tmp_path, plus overrides."""
+    def make(*overrides, config="local"):
+        return make_cfg(*TINY, f"data.cache_dir={corpus_cache}", f"run_dir={tmp_path / 'run'}", *overrides, config=config)
+    return make

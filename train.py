@@ -1,0 +1,319 @@
+"""Mesh, train state, the jitted train / eval steps, the loop and its logging.
+
+The state is functional NNX: `nnx.split((model, optimizer))` gives a static graphdef and a pytree of arrays,
+FSDP-sharded from the SHARDING table in model.py. One jitted step takes the state (donated) and a global batch
+and returns the new state and device-side metrics; the host only reads metrics every `train.log_every` steps.
+"""
+import json
+import math
+import os
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from omegaconf import DictConfig, OmegaConf
+
+import data
+from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params, generate
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(xs))
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def check_keys(cfg, ref=None, prefix=""):
+    """Reject keys that base.yaml does not define (a typo in an override or a config file)."""
+    ref = OmegaConf.load(CONFIGS / "base.yaml") if ref is None else ref
+    for k in cfg:
+        name = f"{prefix}{k}"
+        if k not in ref:
+            raise ConfigError(f"unknown config key '{name}'; known keys here: {sorted(str(x) for x in ref if x != 'defaults')}")
+        if name == "model.relora":  # its keys are checked by relora.py
+            continue
+        if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]):
+            check_keys(cfg[k], ref[k], name + ".")
+
+
+def init_distributed(d):
+    """Start jax.distributed: explicitly from config keys, or auto-detected on SLURM and multi-host TPU pods."""
+    if d.coordinator_address:
+        jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+def make_mesh(data_size: int, fsdp_size: int) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over every device; -1 on one axis takes all the devices the other leaves."""
+    n = jax.device_count()
+    if fsdp_size == -1 and data_size > 0 and n % data_size == 0:
+        fsdp_size = n // data_size
+    elif data_size == -1 and fsdp_size > 0 and n % fsdp_size == 0:
+        data_size = n // fsdp_size
+    if data_size * fsdp_size != n or data_size < 1:
+        raise ConfigError(f"mesh.data={data_size} x mesh.fsdp={fsdp_size} does not match the {n} devices here; "
+                          f"make the product {n} (or set one of them to -1)")
+    return jax.make_mesh((data_size, fsdp_size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+
+
+def check_layout(mcfg: ModelConfig, mesh, batch_size: int, grad_accum: int, eval_batch: int):
+    fsdp, dp = mesh.shape["fsdp"], mesh.size
+    if mcfg.d_model % fsdp:
+        raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={fsdp}: FSDP shards every "
+                          f"weight along d_model; pick a mesh.fsdp that divides it")
+    if batch_size % grad_accum or (batch_size // grad_accum) % dp:
+        raise ConfigError(f"data.batch_size={batch_size} / data.grad_accum={grad_accum} is not divisible by the "
+                          f"data-parallel size {dp} (mesh.data x mesh.fsdp); make each micro-batch a multiple of {dp}")
+    if eval_batch % dp:
+        raise ConfigError(f"eval.batch_size={eval_batch} is not divisible by the data-parallel size {dp}")
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs and MFU
+
+# Dense peak TFLOP/s per JAX device (a TPU v2/v3 device is one core, half a chip), bf16 then fp32.
+PEAK_TFLOPS = {
+    "TPU v2": (22.5, 22.5), "TPU v3": (61.5, 61.5), "TPU v4": (275, 275), "TPU v5 lite": (197, 197),
+    "TPU v5e": (197, 197), "TPU v5p": (459, 459), "TPU v5": (459, 459), "TPU v6 lite": (918, 918),
+    "TPU v6e": (918, 918), "A100": (312, 19.5), "H100": (989, 67), "H200": (989, 67), "L4": (121, 30.3),
+    "T4": (65, 8.1),
+}
+
+
+def flops_per_token(c: ModelConfig) -> float:
+    """Training FLOPs per token: 6 x matmul params (forward 2, backward 4; the embedding lookup is no matmul)
+    plus attention scores and values, 6 x L x T x D, i.e. 12 L T D halved because the mask is causal."""
+    attn = c.d_model * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+    mlp = 3 * c.d_model * c.d_hidden
+    matmul_params = c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
+    return 6 * matmul_params + 6 * c.n_layers * c.seq_len * c.d_model
+
+
+@jax.jit(static_argnums=0)
+def _matmul_chain(n, a):
+    for _ in range(8):
+        a = a @ a * (1.0 / n)
+    return a
+
+
+def peak_flops(dtype: str) -> tuple[float, str]:
+    """Peak FLOP/s of all devices together and where the number comes from. On CPU, measured: a jnp matmul."""
+    dev = jax.devices()[0]
+    kind = dev.device_kind
+    for name, (bf16, fp32) in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            per = bf16 if jnp.dtype(dtype).itemsize <= 2 else fp32
+            return per * 1e12 * jax.device_count(), f"{kind} datasheet"
+    if dev.platform != "cpu":
+        return float("nan"), f"{kind}: unknown peak"
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    _matmul_chain(n, a).block_until_ready()
+    t = time.perf_counter()
+    _matmul_chain(n, a).block_until_ready()
+    return 8 * 2 * n ** 3 / (time.perf_counter() - t), "measured CPU matmul"
+
+
+# ---------------------------------------------------------------------------------------------- state and steps
+
+def lr_schedule(o, steps: int):
+    """Linear warmup to opt.peak_lr, then cosine or linear decay to opt.min_lr_ratio x peak at `steps`."""
+    warm = optax.linear_schedule(0.0, o.peak_lr, max(o.warmup_steps, 1))
+    rest = max(steps - o.warmup_steps, 1)
+    if o.decay == "cosine":
+        decay = optax.cosine_decay_schedule(o.peak_lr, rest, alpha=o.min_lr_ratio)
+    elif o.decay == "linear":
+        decay = optax.linear_schedule(o.peak_lr, o.peak_lr * o.min_lr_ratio, rest)
+    elif o.decay == "constant":
+        decay = optax.constant_schedule(o.peak_lr)
+    else:
+        raise ConfigError(f"opt.decay={o.decay!r}; use cosine, linear or constant")
+    return optax.join_schedules([warm, decay], [o.warmup_steps])
+
+
+def make_tx(o, schedule):
+    """AdamW with global-norm clipping; weight decay on matrices only (not norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+        optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+def init_state(mcfg: ModelConfig, tx, mesh, seed: int):
+    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state."""
+    def build():
+        model = Decoder(mcfg, nnx.Rngs(seed))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with jax.set_mesh(mesh):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+        shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), nnx.get_partition_spec(abstract_state))
+        state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return graphdef, state
+
+
+def cross_entropy(logits, labels):
+    """Mean next-token loss; logits [B, T, V] float32, labels [B, T]."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def loss_fn(model, tokens):  # tokens [B, T + 1]
+    return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+
+
+def train_step(graphdef, state, tokens, grad_accum: int = 1):
+    """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches."""
+    model, opt = nnx.merge(graphdef, state)
+    grad = nnx.value_and_grad(loss_fn)
+    if grad_accum == 1:
+        loss, grads = grad(model, tokens)
+    else:
+        B = tokens.shape[0]
+        # micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps an equal share of each one
+        micro = tokens.reshape(B // grad_accum, grad_accum, -1).swapaxes(0, 1)
+        micro = jax.lax.with_sharding_constraint(micro, P(None, BATCH_AXES, None))
+
+        def acc(carry, mb):
+            loss, g = grad(model, mb)
+            return jax.tree.map(jnp.add, carry, (loss, g)), None
+
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+        (loss, grads), _ = jax.lax.scan(acc, zeros, micro)
+        loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
+    opt.update(model, grads)
+    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+    return nnx.state((model, opt)), metrics
+
+
+def eval_step(graphdef, state, tokens):
+    """Summed loss and token count of one validation batch."""
+    model, _ = nnx.merge(graphdef, state)
+    logits = model(tokens[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+
+class Trainer:
+    """Everything a run needs, built from the config; `run()` is the loop."""
+
+    def __init__(self, cfg: DictConfig):
+        check_keys(cfg)
+        self.cfg = cfg
+        self.mcfg = ModelConfig.from_dict(cfg.model)
+        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+        check_layout(self.mcfg, self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
+        self.data_dir = Path(cfg.data.dir) if cfg.data.dir else data.builtin_corpus(cfg.data.cache_dir)
+        T, V = self.mcfg.seq_len, self.mcfg.vocab_size
+        self.train_tokens = data.open_tokens(self.data_dir / "train.bin", cfg.data.token_dtype, V, T)
+        self.valid_tokens = data.open_tokens(self.data_dir / "valid.bin", cfg.data.token_dtype, V, T)
+        self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
+                                         self.data_dir / "train.bin")
+        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
+        self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
+        self.graphdef, self.state = init_state(self.mcfg, make_tx(cfg.opt, self.schedule), self.mesh, cfg.seed)
+        self.train_step = jax.jit(partial(train_step, self.graphdef, grad_accum=cfg.data.grad_accum), donate_argnums=0)
+        self.eval_step = jax.jit(partial(eval_step, self.graphdef))
+        self.flops_per_token = flops_per_token(self.mcfg)
+        self.peak_flops, self.peak_source = peak_flops(self.mcfg.dtype)
+        self.run_dir = Path(cfg.run_dir)
+        self.is_main = jax.process_index() == 0
+
+    @property
+    def model(self) -> Decoder:
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def evaluate(self) -> dict:
+        total, count = 0.0, 0.0
+        with jax.set_mesh(self.mesh):
+            for tokens in data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
+                                             self.cfg.eval.max_tokens, self.batch_sharding):
+                s, n = self.eval_step(self.state, tokens)
+                total, count = total + s, count + n
+        loss = float(total / count)
+        return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+
+    def sample(self, prompt: str | None = None) -> str:
+        s = self.cfg.sample
+        tok_path = self.data_dir / "tokenizer.json"
+        tok = data.load_tokenizer(tok_path) if tok_path.exists() else None
+        prompt = s.prompt if prompt is None else prompt
+        ids = tok.encode(prompt).ids if tok else [0]
+        ids = ids[-(self.mcfg.seq_len - s.max_new_tokens):] or [0]
+        with jax.set_mesh(self.mesh):
+            out = generate(self.model, jnp.asarray([ids], jnp.int32), s.max_new_tokens,
+                           jax.random.key(self.cfg.seed), s.temperature, s.top_k, s.top_p)
+        out = np.asarray(jax.device_get(out))[0].tolist()
+        return tok.decode(out) if tok else " ".join(map(str, out))
+
+    def log(self, metrics: dict, step: int, bar=None):
+        if not self.is_main:
+            return
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
+        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        (bar.write if bar is not None else print)(f"step {step}: {line}")
+
+    def run(self) -> dict:
+        from tqdm import tqdm
+        cfg, mc = self.cfg, self.mcfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb = None
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            n_params = count_params(self.model)
+            print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+                  f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
+                  f"({len(self.train_tokens):,} train tokens) | peak {self.peak_flops / 1e12:.3g} TFLOP/s ({self.peak_source})")
+            if cfg.wandb.mode != "disabled":
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
+                                        mode=cfg.wandb.mode, dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+                self.wandb.summary["params"] = n_params
+        tokens_per_step = cfg.data.batch_size * mc.seq_len
+        bar = tqdm(total=cfg.train.steps, disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+        acc, n_acc, t_log, history = None, 0, time.perf_counter(), []
+        with jax.set_mesh(self.mesh):
+            batches = data.prefetch(lambda s: self.train_data.batch(s, self.batch_sharding), range(cfg.train.steps))
+            for step, tokens in batches:
+                self.state, m = self.train_step(self.state, tokens)
+                acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on device: no sync per step
+                n_acc += 1
+                bar.update(1)
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    m = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
+                    dt = time.perf_counter() - t_log
+                    tps = n_acc * tokens_per_step / dt
+                    m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step)), tokens_per_s=tps,
+                             mfu=tps * self.flops_per_token / self.peak_flops)
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+                    self.log(m, done, bar)
+                    history.append(dict(step=done, **m))
+                    acc, n_acc, t_log = None, 0, time.perf_counter()
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != cfg.train.steps:
+                    self.log(self.evaluate(), done, bar)
+                    t_log = time.perf_counter()
+        bar.close()
+        final = dict(step=cfg.train.steps, train_loss=history[-1]["loss"], **self.evaluate())
+        final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], mc.vocab_size)
+        self.log(final, cfg.train.steps)
+        sample = self.sample()
+        if self.is_main:
+            print(f"validation loss {final['val_loss']:.3f} nats (perplexity {final['val_ppl']:.1f}) vs "
+                  f"unigram entropy {final['unigram_entropy']:.3f} nats of the training tokens")
+            print(f"sample: {sample!r}")
+            (self.run_dir / "metrics.json").write_text(json.dumps(dict(final=final, history=history), indent=1))
+            if self.wandb:
+                self.wandb.summary.update(final)
+                self.wandb.finish()
+        return final
+
+
+def run(cfg: DictConfig) -> dict:
+    return Trainer(cfg).run()
