@@ -206,15 +206,21 @@ class TrainData:
         return to_global(lambda lo, hi: self.rows(step, lo, hi), sharding, (self.B, self.T + 1))
 
 
-def valid_batches(tokens, batch_size: int, seq_len: int, max_tokens: int | None, sharding, path="valid.bin"):
-    """Consecutive non-overlapping chunks of the validation file, the same every time; drops a partial batch."""
-    n_chunks = (len(tokens) - 1) // seq_len
+def n_valid_batches(n_tokens: int, batch_size: int, seq_len: int, max_tokens: int | None, path="valid.bin") -> int:
+    """How many whole eval batches the validation file gives (within eval.max_tokens); at least one, or DataError."""
+    n_chunks = (n_tokens - 1) // seq_len
     if max_tokens:
         n_chunks = min(n_chunks, max(1, max_tokens // seq_len))
     n_batches = n_chunks // batch_size
     if n_batches == 0:
         raise DataError(f"{path} holds {n_chunks} sequences of model.seq_len + 1 tokens, fewer than "
                         f"eval.batch_size={batch_size}; lower eval.batch_size or model.seq_len, or raise eval.max_tokens")
+    return n_batches
+
+
+def valid_batches(tokens, batch_size: int, seq_len: int, max_tokens: int | None, sharding, path="valid.bin"):
+    """Consecutive non-overlapping chunks of the validation file, the same every time; drops a partial batch."""
+    n_batches = n_valid_batches(len(tokens), batch_size, seq_len, max_tokens, path)
 
     def rows(b, lo, hi):
         starts = (b * batch_size + np.arange(lo, hi)) * seq_len

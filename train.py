@@ -170,9 +170,10 @@ def loss_fn(model, tokens):  # tokens [B, T + 1]
 def train_step(graphdef, state, tokens, grad_accum: int = 1):
     """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches."""
     model, opt = nnx.merge(graphdef, state)
-    grad = nnx.value_and_grad(loss_fn)
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)  # gradients for nnx.Param only
+    grad = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
     if grad_accum == 1:
-        loss, grads = grad(model, tokens)
+        loss, grads = grad(params, tokens)
     else:
         B = tokens.shape[0]
         # micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps an equal share of each one
@@ -180,14 +181,13 @@ def train_step(graphdef, state, tokens, grad_accum: int = 1):
         micro = jax.lax.with_sharding_constraint(micro, P(None, BATCH_AXES, None))
 
         def acc(carry, mb):
-            loss, g = grad(model, mb)
-            return jax.tree.map(jnp.add, carry, (loss, g)), None
+            return jax.tree.map(jnp.add, carry, grad(params, mb)), None
 
-        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
         (loss, grads), _ = jax.lax.scan(acc, zeros, micro)
         loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     opt.update(model, grads)
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads))
     return nnx.state((model, opt)), metrics
 
 
@@ -212,6 +212,8 @@ class Trainer:
         T, V = self.mcfg.seq_len, self.mcfg.vocab_size
         self.train_tokens = data.open_tokens(self.data_dir / "train.bin", cfg.data.token_dtype, V, T)
         self.valid_tokens = data.open_tokens(self.data_dir / "valid.bin", cfg.data.token_dtype, V, T)
+        data.n_valid_batches(len(self.valid_tokens), cfg.eval.batch_size, T, cfg.eval.max_tokens,
+                             self.data_dir / "valid.bin")  # fail now, not at the first evaluation
         self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
                                          self.data_dir / "train.bin")
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
@@ -273,7 +275,9 @@ class Trainer:
             if cfg.wandb.mode != "disabled":
                 import wandb
                 self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
-                                        mode=cfg.wandb.mode, dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True))
+                                        mode=cfg.wandb.mode, dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                                        settings=wandb.Settings(silent=True, console="off"))
+                print(f"W&B ({cfg.wandb.mode}): {self.wandb.dir}" + ("  (upload later with `wandb sync`)" if cfg.wandb.mode == "offline" else ""))
                 self.wandb.summary["params"] = n_params
         tokens_per_step = cfg.data.batch_size * mc.seq_len
         bar = tqdm(total=cfg.train.steps, disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
