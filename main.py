@@ -8,8 +8,9 @@ import sys
 
 import hydra
 
-import data
 import train
+from checkpoint import CheckpointError
+from data import DataError
 from model import ConfigError
 
 
@@ -19,9 +20,12 @@ def main(cfg):
     try:
         train.init_distributed(cfg.distributed)
         train.run(cfg)
-    except (ConfigError, data.DataError) as e:  # bad config or data: the message says what to fix, no traceback
+    except (ConfigError, DataError, CheckpointError) as e:  # bad input: the message says what to fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except train.TrainingError as e:  # e.g. a NaN loss; the last good checkpoint is named
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

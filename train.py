@@ -7,6 +7,8 @@ and returns the new state and device-side metrics; the host only reads metrics e
 import json
 import math
 import os
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -20,6 +22,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from omegaconf import DictConfig, OmegaConf
 
 import data
+import relora
+from checkpoint import Checkpoints, abstract_like
 from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params, generate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -145,10 +149,13 @@ def make_tx(o, schedule):
         optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def init_state(mcfg: ModelConfig, tx, mesh, seed: int):
-    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state."""
+def init_state(mcfg: ModelConfig, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None):
+    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. With `lora`, the
+    model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only."""
     def build():
         model = Decoder(mcfg, nnx.Rngs(seed))
+        if lora is not None:
+            relora.wrap(model, lora)
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     with jax.set_mesh(mesh):
@@ -167,8 +174,10 @@ def loss_fn(model, tokens):  # tokens [B, T + 1]
     return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
 
 
-def train_step(graphdef, state, tokens, grad_accum: int = 1):
-    """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches."""
+def train_step(graphdef, state, tokens, grad_accum: int = 1, skip_nonfinite: bool = False):
+    """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches.
+    With skip_nonfinite, a step whose loss or gradient is NaN / inf leaves the state as it was."""
+    old = jax.tree.map(lambda x: x, state)  # own containers: the update below mutates the merged Variables
     model, opt = nnx.merge(graphdef, state)
     model_def, params, rest = nnx.split(model, nnx.Param, ...)  # gradients for nnx.Param only
     grad = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
@@ -187,8 +196,12 @@ def train_step(graphdef, state, tokens, grad_accum: int = 1):
         (loss, grads), _ = jax.lax.scan(acc, zeros, micro)
         loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     opt.update(model, grads)
-    metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads))
-    return nnx.state((model, opt)), metrics
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = nnx.state((model, opt))
+    if skip_nonfinite:
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return new, dict(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
 
 
 def eval_step(graphdef, state, tokens):
@@ -199,32 +212,123 @@ def eval_step(graphdef, state, tokens):
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (a NaN or inf loss); the message says where the last good checkpoint is."""
+
+
+class Meter:
+    """Sums the per-step metrics on device (no host sync per step); the host reads them at log or save time."""
+
+    def __init__(self):
+        self.sum, self.n, self.t = None, 0, time.perf_counter()
+        self.bad = jnp.zeros(())  # non-finite steps since the last check
+
+    def add(self, m):
+        self.sum = m if self.sum is None else jax.tree.map(jnp.add, self.sum, m)
+        self.n, self.bad = self.n + 1, self.bad + m["nonfinite"]
+
+    def read(self) -> tuple[dict, int, float]:
+        """Means since the last read, the number of steps and the seconds they took."""
+        means = {k: float(v) / self.n for k, v in jax.device_get(self.sum).items()}
+        out = (means, self.n, time.perf_counter() - self.t)
+        self.sum, self.n, self.t = None, 0, time.perf_counter()
+        return out
+
+
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to save at the current step and exit cleanly; a second SIGINT aborts."""
+
+    def __enter__(self):
+        self.requested, self.prev = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.prev = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def agreed(self, sync: bool) -> bool:
+        """Whether to stop now. Several processes agree (at log steps only, where the host syncs anyway)."""
+        if jax.process_count() == 1:
+            return bool(self.requested)
+        if not sync:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(multihost_utils.process_allgather(np.int32(bool(self.requested))).any())
+
+    def __exit__(self, *exc):
+        for s, h in self.prev.items():
+            signal.signal(s, h)
+
+
 class Trainer:
     """Everything a run needs, built from the config; `run()` is the loop."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, build_data: bool = True, resume: bool = True):
         check_keys(cfg)
         self.cfg = cfg
         self.mcfg = ModelConfig.from_dict(cfg.model)
         self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-        check_layout(self.mcfg, self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
-        self.data_dir = Path(cfg.data.dir) if cfg.data.dir else data.builtin_corpus(cfg.data.cache_dir)
-        T, V = self.mcfg.seq_len, self.mcfg.vocab_size
-        self.train_tokens = data.open_tokens(self.data_dir / "train.bin", cfg.data.token_dtype, V, T)
-        self.valid_tokens = data.open_tokens(self.data_dir / "valid.bin", cfg.data.token_dtype, V, T)
-        data.n_valid_batches(len(self.valid_tokens), cfg.eval.batch_size, T, cfg.eval.max_tokens,
-                             self.data_dir / "valid.bin")  # fail now, not at the first evaluation
-        self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
-                                         self.data_dir / "train.bin")
-        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
-        self.graphdef, self.state = init_state(self.mcfg, make_tx(cfg.opt, self.schedule), self.mesh, cfg.seed)
-        self.train_step = jax.jit(partial(train_step, self.graphdef, grad_accum=cfg.data.grad_accum), donate_argnums=0)
-        self.eval_step = jax.jit(partial(eval_step, self.graphdef))
-        self.flops_per_token = flops_per_token(self.mcfg)
-        self.peak_flops, self.peak_source = peak_flops(self.mcfg.dtype)
         self.run_dir = Path(cfg.run_dir)
         self.is_main = jax.process_index() == 0
+        if build_data:
+            check_layout(self.mcfg, self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
+            self.data_dir = Path(cfg.data.dir) if cfg.data.dir else data.builtin_corpus(cfg.data.cache_dir)
+            T, V = self.mcfg.seq_len, self.mcfg.vocab_size
+            self.train_tokens = data.open_tokens(self.data_dir / "train.bin", cfg.data.token_dtype, V, T)
+            self.valid_tokens = data.open_tokens(self.data_dir / "valid.bin", cfg.data.token_dtype, V, T)
+            data.n_valid_batches(len(self.valid_tokens), cfg.eval.batch_size, T, cfg.eval.max_tokens,
+                                 self.data_dir / "valid.bin")  # fail now, not at the first evaluation
+            self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
+                                             self.data_dir / "train.bin")
+        self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
+        self.relora = relora.ReLoRAConfig.from_dict(cfg.model.relora, cfg.seed)  # None: full-rank training
+        self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
+        if self.relora:
+            self.schedule = relora.jagged_schedule(self.schedule, self.relora)
+        wrap_now = self.relora if self.relora and not self.relora.warm_start_steps else None
+        self.graphdef, self.state = init_state(self.mcfg, make_tx(cfg.opt, self.schedule), self.mesh, cfg.seed, wrap_now)
+        self.jit_steps()
+        self.flops_per_token = flops_per_token(self.mcfg)
+        self.start_step = self.saved_step = 0
+        self.ckpt = None
+        if resume:
+            self.resume()
+
+    def resume(self):
+        """Open checkpoint.dir and continue from its latest checkpoint (checkpoint.auto_resume)."""
+        c = self.cfg.checkpoint
+        self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
+        latest = self.ckpt.latest_step()
+        if latest is None:
+            return
+        if not c.auto_resume:
+            raise ConfigError(f"{self.ckpt.dir} already holds checkpoints (steps {self.ckpt.all_steps()}) and "
+                              f"checkpoint.auto_resume=false; use a new run_dir, or auto_resume=true to continue")
+        self.state, loop = self.ckpt.restore(latest, abstract_like(self.state), self.cfg.model)
+        self.start_step = self.saved_step = loop["step"]
+        if self.is_main:
+            print(f"resumed from {self.ckpt.dir / str(latest)} (step {latest})")
+
+    def jit_steps(self):
+        """Compile the train and eval steps for self.graphdef (again when ReLoRA wraps the model mid-run)."""
+        step = relora.training_step(train_step, self.relora) if self.relora else train_step
+        self.train_step = jax.jit(partial(step, self.graphdef, grad_accum=self.cfg.data.grad_accum,
+                                          skip_nonfinite=self.cfg.train.nan_policy == "skip"), donate_argnums=0)
+        self.eval_step = jax.jit(partial(eval_step, self.graphdef))
+
+    def relora_update(self, done: int, bar=None):
+        """Between steps (SPEC §4): wrap the model when the warm start ends; merge-and-reset every reset_frequency."""
+        r = self.relora
+        if done == r.warm_start_steps:
+            self.graphdef, self.state = relora.wrap_state(self.graphdef, self.state, r)
+            self.jit_steps()
+            self.log(dict(relora="wrapped", **relora.sizes(self.graphdef, self.state)), done, bar)
+        elif (k := r.reset_index(done)) is not None:
+            self.state, zeroed = relora.merge_and_reset(self.graphdef, self.state, k, r)
+            self.log(dict(relora_reset=k, optimizer_zeroed=float(zeroed)), done, bar)
 
     @property
     def model(self) -> Decoder:
@@ -261,58 +365,108 @@ class Trainer:
         line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         (bar.write if bar is not None else print)(f"step {step}: {line}")
 
+    def check_finite(self, step: int):
+        """Stop on a NaN / inf loss (train.nan_policy=stop) before anything is saved from the bad state."""
+        bad = int(self.meter.bad)
+        self.meter.bad = jnp.zeros(())
+        if bad and self.cfg.train.nan_policy == "stop":
+            if self.ckpt:
+                self.ckpt.wait()
+            where = f"step {self.saved_step} in {self.ckpt.dir}" if self.ckpt else "none (checkpointing is off)"
+            raise TrainingError(f"the loss became NaN or inf in {bad} step(s) up to step {step}; the last good "
+                                f"checkpoint is {where}; lower opt.peak_lr, check the data, or set train.nan_policy=skip")
+
+    def save(self, step: int):
+        self.check_finite(step)
+        if self.ckpt is None or step == self.saved_step and self.ckpt.latest_step() == step:
+            return
+        loop = dict(step=step, seed=self.cfg.seed, tokens_seen=step * self.cfg.data.batch_size * self.mcfg.seq_len)
+        self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
+        self.saved_step = step
+
+    def log_train(self, step: int, bar):
+        m, n, dt = self.meter.read()
+        tps = n * self.cfg.data.batch_size * self.mcfg.seq_len / dt
+        m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)), tokens_per_s=tps,
+                 mfu=tps * self.flops_per_token / self.peak_flops)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+        self.log(m, step, bar)
+        self.history.append(dict(step=step, **m))
+        self.check_finite(step)
+
+    def start(self):
+        """Run directory, banner, W&B; the metrics history of earlier runs of this run_dir up to the resume step."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.peak_flops, self.peak_source = peak_flops(self.mcfg.dtype)
+        self.meter, self.wandb, self.history = Meter(), None, []
+        metrics = self.run_dir / "metrics.json"
+        if self.start_step and metrics.exists():
+            self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= self.start_step]
+        if not self.is_main:
+            return
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        n_params = count_params(self.model, (nnx.Param, relora.Frozen))
+        print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
+              f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
+              f"({len(self.train_tokens):,} train tokens) | peak {self.peak_flops / 1e12:.3g} TFLOP/s ({self.peak_source})")
+        if self.relora:
+            print("relora: " + " ".join(f"{k}={v:,}" for k, v in relora.sizes(self.graphdef, self.state).items()))
+        if cfg.wandb.mode != "disabled":
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
+                                    mode=cfg.wandb.mode, dir=str(self.run_dir), resume="allow",
+                                    config=OmegaConf.to_container(cfg, resolve=True),
+                                    settings=wandb.Settings(silent=True, console="off"))
+            print(f"W&B ({cfg.wandb.mode}): {self.wandb.dir}" + ("  (upload later with `wandb sync`)" if cfg.wandb.mode == "offline" else ""))
+            self.wandb.summary["params"] = n_params
+
     def run(self) -> dict:
         from tqdm import tqdm
-        cfg, mc = self.cfg, self.mcfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.wandb = None
-        if self.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            n_params = count_params(self.model)
-            print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
-                  f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
-                  f"({len(self.train_tokens):,} train tokens) | peak {self.peak_flops / 1e12:.3g} TFLOP/s ({self.peak_source})")
-            if cfg.wandb.mode != "disabled":
-                import wandb
-                self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
-                                        mode=cfg.wandb.mode, dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                                        settings=wandb.Settings(silent=True, console="off"))
-                print(f"W&B ({cfg.wandb.mode}): {self.wandb.dir}" + ("  (upload later with `wandb sync`)" if cfg.wandb.mode == "offline" else ""))
-                self.wandb.summary["params"] = n_params
-        tokens_per_step = cfg.data.batch_size * mc.seq_len
-        bar = tqdm(total=cfg.train.steps, disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
-        acc, n_acc, t_log, history = None, 0, time.perf_counter(), []
-        with jax.set_mesh(self.mesh):
-            batches = data.prefetch(lambda s: self.train_data.batch(s, self.batch_sharding), range(cfg.train.steps))
+        cfg, steps = self.cfg, self.cfg.train.steps
+        self.start()
+        bar = tqdm(total=steps, initial=self.start_step, disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+        with jax.set_mesh(self.mesh), StopSignal() as stop:
+            self.save(self.start_step)  # step 0 of a new run
+            batches = data.prefetch(lambda s: self.train_data.batch(s, self.batch_sharding), range(self.start_step, steps))
             for step, tokens in batches:
                 self.state, m = self.train_step(self.state, tokens)
-                acc = m if acc is None else jax.tree.map(jnp.add, acc, m)  # stays on device: no sync per step
-                n_acc += 1
+                self.meter.add(m)
                 bar.update(1)
                 done = step + 1
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                    m = {k: float(v) / n_acc for k, v in jax.device_get(acc).items()}
-                    dt = time.perf_counter() - t_log
-                    tps = n_acc * tokens_per_step / dt
-                    m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step)), tokens_per_s=tps,
-                             mfu=tps * self.flops_per_token / self.peak_flops)
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
-                    self.log(m, done, bar)
-                    history.append(dict(step=done, **m))
-                    acc, n_acc, t_log = None, 0, time.perf_counter()
-                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != cfg.train.steps:
+                if self.relora:
+                    self.relora_update(done, bar)
+                is_log = done % cfg.train.log_every == 0 or done == steps
+                if is_log:
+                    self.log_train(done, bar)
+                if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != steps:
                     self.log(self.evaluate(), done, bar)
-                    t_log = time.perf_counter()
+                if stop.agreed(sync=is_log) or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0):
+                    self.save(done)
+                if stop.requested and stop.agreed(sync=is_log):
+                    break
         bar.close()
-        final = dict(step=cfg.train.steps, train_loss=history[-1]["loss"], **self.evaluate())
-        final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], mc.vocab_size)
-        self.log(final, cfg.train.steps)
-        sample = self.sample()
+        if stop.requested:
+            return self.finish(dict(step=self.saved_step, interrupted=stop.requested))
+        self.save(steps)
+        final = dict(step=steps, train_loss=self.history[-1]["loss"], **self.evaluate())
+        final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], self.mcfg.vocab_size)
+        self.log(final, steps)
+        sample = self.sample() if cfg.sample.max_new_tokens else None
         if self.is_main:
             print(f"validation loss {final['val_loss']:.3f} nats (perplexity {final['val_ppl']:.1f}) vs "
                   f"unigram entropy {final['unigram_entropy']:.3f} nats of the training tokens")
-            print(f"sample: {sample!r}")
-            (self.run_dir / "metrics.json").write_text(json.dumps(dict(final=final, history=history), indent=1))
+            if sample is not None:
+                print(f"sample: {sample!r}")
+        return self.finish(final)
+
+    def finish(self, final: dict) -> dict:
+        if self.ckpt:
+            self.ckpt.wait()
+        if self.is_main:
+            if final.get("interrupted"):
+                print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")
+            (self.run_dir / "metrics.json").write_text(json.dumps(dict(final=final, history=self.history), indent=1))
             if self.wandb:
                 self.wandb.summary.update(final)
                 self.wandb.finish()

@@ -56,12 +56,14 @@ def test_batch_is_a_pure_function_of_seed_and_step(corpus_cache):
     assert sorted(starts) == sorted(tokens[:64 * 40:64])
 
 
-def test_tiny_model_validation_loss_falls_on_builtin_corpus(tiny_cfg):
-    cfg = tiny_cfg("train.steps=40", "train.log_every=20", "opt.peak_lr=1e-2", "opt.warmup_steps=5")
+def test_tiny_model_validation_loss_falls_on_builtin_corpus(tiny_cfg, capsys):
+    cfg = tiny_cfg("train.steps=40", "train.log_every=20", "opt.peak_lr=1e-2", "opt.warmup_steps=5",
+                   "sample.max_new_tokens=8")
     trainer = train.Trainer(cfg)
     before = trainer.evaluate()["val_loss"]
     final = trainer.run()
     assert final["val_loss"] < before - 1.0, (before, final)
+    assert capsys.readouterr().out.count("sample: 'The") == 1
     assert final["val_loss"] < final["unigram_entropy"] + 0.5
     metrics = json.loads((trainer.run_dir / "metrics.json").read_text())
     assert [h["step"] for h in metrics["history"]] == [20, 40]
