@@ -1,16 +1,29 @@
-"""Orbax checkpoints of a run: the sharded train state, the loop state and the resolved config.
+"""Orbax checkpoints of a run (the sharded train state, the loop state, the resolved config) and the
+learning-dynamics snapshots taken with each of them.
 
 Layout: <checkpoint.dir>/<step>/{state, loop, config}. `state` is the nnx state of (model, optimizer), params
 and Adam moments, restored with the shardings of the current mesh; `loop` is JSON (step, seed, tokens seen; the
 data position is the step, since the batch is a pure function of (seed, step)); `config` is the resolved run
 config as JSON, so `load(dir)` needs nothing but the directory. Orbax writes each step into a temporary folder
 and renames it when complete, so a process killed mid-save leaves the earlier checkpoints intact.
+
+Learning dynamics (SPEC §3), computed with the step's parameters inside one jitted function and written to
+<run_dir>/learning_dynamics/<step>/{train,eval}.safetensors (readable with `safetensors` or numpy alone):
+    activations/blocks.<i>.<layer>  [N, out]  the layer's output at the last token of each sequence
+    weights/blocks.<i>.<layer>      [in, out] its kernel (y = x @ W; for a ReLoRA layer W + scale (B A)^T)
+    gradients/blocks.<i>.<layer>    [in, out] d loss / d kernel on that batch
+    tokens                          [N, T+1]  the batch itself (train split only)
+`train` is the batch the trainer draws at that step (the one the next update uses); `eval` is the first
+eval.batch_size sequences of valid.bin, the same at every step. Layers: checkpoint.dynamics.layers per block.
 """
 import os
 from pathlib import Path
 
 import jax
+import numpy as np
+import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 from omegaconf import OmegaConf
 
 from model import ModelConfig
@@ -101,5 +114,123 @@ def load(path, step: int | None = None):
     cfg = OmegaConf.create(ckpts.config(step))
     cfg.mesh.data, cfg.mesh.fsdp = 1, -1  # this host's devices, whatever the run used
     trainer = train.Trainer(cfg, build_data=False, resume=False)
+    trainer.wrap_for(step)
     trainer.state, loop = ckpts.restore(step, abstract_like(trainer.state))
     return trainer.model, cfg, loop
+
+
+# ---------------------------------------------------------------------------------------------- learning dynamics
+
+def dynamics_step(graphdef, state, tokens, layers: tuple[str, ...]) -> dict:
+    """Activations at the last token, kernels and loss gradients of `layers` (e.g. "attention.v") in every
+    block, for the batch tokens [N, T + 1]. Intermediates come from nnx.capture, so nothing is sown into the
+    model and the jitted function compiles once."""
+    model, _ = nnx.merge(graphdef, state)
+    # every kernel, trained or not: a ReLoRA layer's frozen W gets d loss / dW, which is d loss / d(W + scale B A)
+    model_def, params, rest = nnx.split(model, nnx.Any(nnx.Param, nnx.PathContains("kernel")), ...)
+
+    def loss(params):
+        m = nnx.merge(model_def, params, rest)
+        logits, inter = nnx.capture(m, nnx.Intermediate, method_outputs=nnx.Intermediate)(tokens[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean(), inter
+
+    (_, inter), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    out = {}
+    for i in range(len(model.blocks)):
+        for layer in layers:
+            path, name = ("blocks", i, *layer.split(".")), f"blocks.{i}.{layer}"
+            node = lambda tree: _at(tree, path)
+            out[f"activations/{name}"] = node(inter)["__call__"][0][:, -1, :]
+            layer_module = _at(model, path, getattr)
+            merged = getattr(layer_module, "merged_kernel", None)  # a ReLoRA layer: W + scale (B A)^T
+            out[f"weights/{name}"] = merged() if merged else node(params)["kernel"][...]
+            out[f"gradients/{name}"] = node(grads)["kernel"][...]
+    return out
+
+
+def _at(tree, path, get_name=lambda t, p: t[p]):
+    """Walk a path of names and list indices through a state (or, with getattr, a module)."""
+    for p in path:
+        tree = tree[p] if isinstance(p, int) else get_name(tree, p)
+    return tree
+
+
+def save_dynamics(directory, split: str, arrays: dict, tokens=None):
+    """Write one split's arrays as safetensors, atomically; called on every process, process 0 writes."""
+    from safetensors.numpy import save_file
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        arrays = multihost_utils.process_allgather(arrays, tiled=True)
+        tokens = None if tokens is None else multihost_utils.process_allgather(tokens, tiled=True)
+    if jax.process_index() != 0:
+        return
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in jax.device_get(arrays).items()}
+    if tokens is not None:
+        arrays["tokens"] = np.asarray(jax.device_get(tokens)).astype(np.int32)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{split}.safetensors.tmp"
+    save_file(arrays, str(tmp))
+    os.replace(tmp, directory / f"{split}.safetensors")
+
+
+def load_dynamics(run_dir, step: int) -> dict:
+    """The learning-dynamics snapshot of `step` as numpy arrays keyed (split, kind, layer); the training
+    batch's token ids under ("train", "tokens", None)."""
+    from safetensors.numpy import load_file
+    root = Path(run_dir).expanduser() / "learning_dynamics" / str(step)
+    if not root.is_dir():
+        steps = sorted(int(p.name) for p in root.parent.glob("*") if p.name.isdigit()) if root.parent.exists() else []
+        raise CheckpointError(f"no learning-dynamics data for step {step} in {root.parent} (steps present: {steps})")
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        for key, value in load_file(str(f)).items():
+            kind, _, layer = key.partition("/")
+            out[(f.stem, kind, layer or None)] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face Hub
+
+class HubUploader:
+    """Pushes each checkpoint and its learning dynamics to the Hub (checkpoint.hf_repo_id), one branch per run,
+    with pico's commit titles (`Saving Learning Dynamics Data (train) -- Step k`, which pico-analyze reads).
+    Uploads run in one background thread; a failure is a warning and training goes on. The token comes from
+    the environment only (HF_TOKEN, or huggingface_hub's own login)."""
+
+    def __init__(self, repo_id: str, branch: str, endpoint: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+        from huggingface_hub import HfApi
+        self.api = HfApi(endpoint=endpoint)
+        self.repo_id, self.branch, self.ready = repo_id, branch, False
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = []
+
+    def upload(self, step: int, checkpoint_dir, dynamics_dir):
+        self.pending.append(self.pool.submit(self._upload, step, Path(checkpoint_dir), Path(dynamics_dir)))
+
+    def _upload(self, step, checkpoint_dir, dynamics_dir):
+        try:
+            if not self.ready:
+                self.api.create_repo(self.repo_id, exist_ok=True)
+                self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
+                self.ready = True
+            if checkpoint_dir.is_dir():
+                self.api.upload_folder(repo_id=self.repo_id, folder_path=checkpoint_dir, revision=self.branch,
+                                       path_in_repo=f"checkpoints/{step}", commit_message=f"Saving Checkpoint -- Step {step}")
+            for split, title in (("train", "train"), ("eval", "val")):
+                f = dynamics_dir / f"{split}.safetensors"
+                if f.exists():
+                    self.api.upload_file(path_or_fileobj=str(f), repo_id=self.repo_id, revision=self.branch,
+                                         path_in_repo=f"learning_dynamics/{step}/{split}.safetensors",
+                                         commit_message=f"Saving Learning Dynamics Data ({title}) -- Step {step}")
+            return True
+        except Exception as e:  # the Hub being down must never stop training
+            print(f"warning: Hub upload of step {step} to {self.repo_id}@{self.branch} failed "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
+            return False
+
+    def wait(self) -> list[bool]:
+        done = [f.result() for f in self.pending]
+        self.pending = []
+        return done

@@ -27,6 +27,13 @@ SHARDING = {
     "mlp_out_FD": (None, "fsdp"),
     "head_DV": ("fsdp", None),
     "norm_D": (None,),
+    # ReLoRA factors (relora.py) follow their layer's kernel: A [R, in] is sharded where the input is D, B [out, R]
+    # where the output is D; the factors of the non-D side (X = H*E or K*E, F) are small and replicated.
+    "lora_a_RD": (None, "fsdp"),     # q, k, v, gate, up
+    "lora_a_RX": (None, None),       # o (X in), down (F in)
+    "lora_b_XR": (None, None),       # q, k, v (X out), gate, up (F out)
+    "lora_b_DR": ("fsdp", None),     # o, down
+    "lora_s": (),                    # trainable scale
 }
 BATCH_AXES = ("data", "fsdp")
 
@@ -85,10 +92,9 @@ def normal(std):
     return jax.nn.initializers.normal(std)
 
 
-def param(value, sharding: str) -> nnx.Param:
+def param(value, sharding: str, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
     """A float32 parameter carrying its SHARDING entry; placed sharded at once when a mesh is set."""
-    return nnx.Param(value, out_sharding=SHARDING[sharding],
-                     eager_sharding=not jax.sharding.get_abstract_mesh().empty)
+    return kind(value, out_sharding=SHARDING[sharding], eager_sharding=not jax.sharding.get_abstract_mesh().empty)
 
 
 class Linear(nnx.Module):
@@ -139,9 +145,10 @@ class Attention(nnx.Module):
         self.o = Linear(H * E, D, "o_XD", cfg, rngs, std=out_std)
         self.cfg = cfg
 
-    def __call__(self, x, sin, cos, cache=None, pos=None):
+    def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
         """x [B, T, D]. Without a cache: causal self-attention. With a cache (k, v each [B, S, K, E]),
-        the T new tokens sit at positions pos..pos+T-1 and attend to every cached position up to their own."""
+        the T new tokens sit at positions pos..pos+T-1 and attend to every cached position up to their own,
+        from start [B] on when given (row b left-padded up to start[b])."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)  # [B, T, H, E]
@@ -156,9 +163,12 @@ class Attention(nnx.Module):
             k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
             S = k_cache.shape[1]
-            mask = jnp.arange(S)[None, :] <= (pos + jnp.arange(T))[:, None]  # [T, S]
+            q_pos, k_pos = pos + jnp.arange(T), jnp.arange(S)
+            mask = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
+            if start is not None:  # a pad sees only itself: no softmax row is empty, so no NaN reaches the cache
+                mask = mask & ((k_pos >= start[:, None, None]) | (k_pos == q_pos[:, None]))  # [B, T, S]
             out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                               mask=mask[None, None], implementation="xla")
+                                               mask=mask[:, None], implementation="xla")
             cache = (k_cache, v_cache)
         return self.o(out.reshape(B, T, -1)), cache
 
@@ -181,8 +191,8 @@ class Block(nnx.Module):
         self.swiglu_norm = RMSNorm(cfg)
         self.swiglu = SwiGLU(cfg, rngs)
 
-    def __call__(self, x, sin, cos, cache=None, pos=None):
-        a, cache = self.attention(self.attention_norm(x), sin, cos, cache, pos)
+    def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
+        a, cache = self.attention(self.attention_norm(x), sin, cos, cache, pos, start)
         h = x + a
         return h + self.swiglu(self.swiglu_norm(h)), cache
 
@@ -196,19 +206,24 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(cfg)
         self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
 
-    def __call__(self, tokens, cache=None, pos=0):
+    def __call__(self, tokens, cache=None, pos=0, start=None):
         """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
-        positions pos..pos+T-1 and the updated cache is returned too."""
+        positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
+        up to start[b]: the padding is masked out and the RoPE positions of the row count from there."""
         B, T = tokens.shape
         x = self.embed[...].astype(self.cfg.dtype)[tokens]  # [B, T, D]
         positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
+        if start is not None:
+            positions = positions - start[:, None]
         sin, cos = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         new_cache = []
         for i, block in enumerate(self.blocks):
             if cache is None and self.cfg.remat:
-                x, _ = nnx.remat(lambda blk, x: blk(x, sin, cos))(block, x)
+                # graph_updates=False: a block changes no state, and write-backs would fail on variables that are
+                # not differentiated (ReLoRA's frozen W) since they come from outside the gradient's trace
+                x, _ = nnx.remat(lambda blk, x: blk(x, sin, cos), graph_updates=False)(block, x)
             else:
-                x, c = block(x, sin, cos, None if cache is None else cache[i], pos)
+                x, c = block(x, sin, cos, None if cache is None else cache[i], pos, start)
                 new_cache.append(c)
         logits = self.head(self.norm(x)).astype(jnp.float32)  # [B, T, V]
         return logits if cache is None else (logits, new_cache)
@@ -243,25 +258,27 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
 
 
 def generate(model: Decoder, prompt, max_new_tokens: int, key, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0):
+             top_p: float = 1.0, start=None):
     """Decode with a fixed-size KV cache: one prefill of the prompt [B, P], then one jitted loop step per token
-    (a lax.scan, so nothing recompiles per token). Returns [B, P + max_new_tokens]."""
+    (a lax.scan, so nothing recompiles per token). Returns [B, P + max_new_tokens]. Prompts of different lengths
+    are left-padded to P: row b's prompt is prompt[b, start[b]:] (start [B]; None = no padding)."""
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, top_p)
+    start = jnp.zeros(prompt.shape[0], jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return _generate(graphdef, state, prompt, start, key, max_new_tokens, temperature, top_k, top_p)
 
 
-@jax.jit(static_argnums=(0, 4, 5, 6, 7))
-def _generate(graphdef, state, prompt, key, max_new_tokens, temperature, top_k, top_p):
+@jax.jit(static_argnums=(0, 5, 6, 7, 8))
+def _generate(graphdef, state, prompt, start, key, max_new_tokens, temperature, top_k, top_p):
     model = nnx.merge(graphdef, state)
     B, P = prompt.shape
     cache = model.init_cache(B, P + max_new_tokens)
-    logits, cache = model(prompt, cache=cache, pos=0)
+    logits, cache = model(prompt, cache=cache, pos=0, start=start)
     keys = jax.random.split(key, max_new_tokens)
     first = sample_logits(logits[:, -1], keys[0], temperature, top_k, top_p)
 
     def step(carry, key_i):
         tok, cache, pos = carry
-        logits, cache = model(tok[:, None], cache=cache, pos=pos)
+        logits, cache = model(tok[:, None], cache=cache, pos=pos, start=start)
         nxt = sample_logits(logits[:, -1], key_i, temperature, top_k, top_p)
         return (nxt, cache, pos + 1), tok
 

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import data
 import relora
-from checkpoint import Checkpoints, abstract_like
+from checkpoint import Checkpoints, HubUploader, abstract_like, dynamics_step, save_dynamics
+from generate import distinct, generate_ids
 from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params, generate
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -212,6 +213,9 @@ def eval_step(graphdef, state, tokens):
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
+BLOCK_LAYERS = ("attention.q", "attention.k", "attention.v", "attention.o", "swiglu.gate", "swiglu.up", "swiglu.down")
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN or inf loss); the message says where the last good checkpoint is."""
 
@@ -290,10 +294,14 @@ class Trainer:
             self.schedule = relora.jagged_schedule(self.schedule, self.relora)
         wrap_now = self.relora if self.relora and not self.relora.warm_start_steps else None
         self.graphdef, self.state = init_state(self.mcfg, make_tx(cfg.opt, self.schedule), self.mesh, cfg.seed, wrap_now)
+        self.dynamics_layers = tuple(cfg.checkpoint.dynamics.layers) if build_data else ()
+        for layer in self.dynamics_layers:
+            if layer not in BLOCK_LAYERS:
+                raise ConfigError(f"checkpoint.dynamics.layers: {layer!r} is not a layer of a block; choose from {BLOCK_LAYERS}")
         self.jit_steps()
         self.flops_per_token = flops_per_token(self.mcfg)
         self.start_step = self.saved_step = 0
-        self.ckpt = None
+        self.ckpt = self.hub = None
         if resume:
             self.resume()
 
@@ -301,23 +309,38 @@ class Trainer:
         """Open checkpoint.dir and continue from its latest checkpoint (checkpoint.auto_resume)."""
         c = self.cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
+        self.hub = HubUploader(c.hf_repo_id, self.cfg.name, c.hf_endpoint) if c.hf_repo_id and self.is_main else None
         latest = self.ckpt.latest_step()
         if latest is None:
             return
         if not c.auto_resume:
             raise ConfigError(f"{self.ckpt.dir} already holds checkpoints (steps {self.ckpt.all_steps()}) and "
                               f"checkpoint.auto_resume=false; use a new run_dir, or auto_resume=true to continue")
+        self.wrap_for(latest)
         self.state, loop = self.ckpt.restore(latest, abstract_like(self.state), self.cfg.model)
         self.start_step = self.saved_step = loop["step"]
         if self.is_main:
             print(f"resumed from {self.ckpt.dir / str(latest)} (step {latest})")
 
+    def wrap_for(self, step: int):
+        """Give the state the layout a checkpoint of `step` has: ReLoRA-wrapped once the warm start is over."""
+        r = self.relora
+        if r and r.warm_start_steps and step >= r.warm_start_steps and not relora.lora_layers(self.model):
+            with jax.set_mesh(self.mesh):
+                self.graphdef, self.state = relora.wrap_state(self.graphdef, self.state, r)
+            self.jit_steps()
+
     def jit_steps(self):
         """Compile the train and eval steps for self.graphdef (again when ReLoRA wraps the model mid-run)."""
         step = relora.training_step(train_step, self.relora) if self.relora else train_step
+        # the state keeps the shardings it was created with (XLA would otherwise pick its own for some outputs,
+        # e.g. shard the norm scales, and every step after the first would recompile)
+        shardings = (jax.tree.map(lambda x: x.sharding, self.state), NamedSharding(self.mesh, P()))
         self.train_step = jax.jit(partial(step, self.graphdef, grad_accum=self.cfg.data.grad_accum,
-                                          skip_nonfinite=self.cfg.train.nan_policy == "skip"), donate_argnums=0)
+                                          skip_nonfinite=self.cfg.train.nan_policy == "skip"),
+                                  donate_argnums=0, out_shardings=shardings)
         self.eval_step = jax.jit(partial(eval_step, self.graphdef))
+        self.dynamics_step = jax.jit(partial(dynamics_step, self.graphdef, layers=self.dynamics_layers))
 
     def relora_update(self, done: int, bar=None):
         """Between steps (SPEC §4): wrap the model when the warm start ends; merge-and-reset every reset_frequency."""
@@ -357,6 +380,18 @@ class Trainer:
         out = np.asarray(jax.device_get(out))[0].tolist()
         return tok.decode(out) if tok else " ".join(map(str, out))
 
+    def diversity(self) -> dict:
+        """distinct-1..5 over the token ids of sample.n_samples continuations of sample.prompt (0 samples: {})."""
+        s = self.cfg.sample
+        if not (s.n_samples and s.max_new_tokens):
+            return {}
+        tok_path = self.data_dir / "tokenizer.json"
+        ids = (data.load_tokenizer(tok_path).encode(s.prompt).ids if tok_path.exists() else []) or [0]
+        with jax.set_mesh(self.mesh):
+            new = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, jax.random.key(self.cfg.seed),
+                               s.temperature, s.top_k, s.top_p)
+        return distinct(new)
+
     def log(self, metrics: dict, step: int, bar=None):
         if not self.is_main:
             return
@@ -383,6 +418,17 @@ class Trainer:
         loop = dict(step=step, seed=self.cfg.seed, tokens_seen=step * self.cfg.data.batch_size * self.mcfg.seq_len)
         self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
         self.saved_step = step
+        if self.dynamics_layers:  # computed with this step's parameters on its train batch and the fixed eval batch
+            out = self.run_dir / "learning_dynamics" / str(step)
+            tokens = self.train_data.batch(step, self.batch_sharding)
+            save_dynamics(out, "train", self.dynamics_step(self.state, tokens), tokens)
+            eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
+                                                  None, self.batch_sharding))
+            save_dynamics(out, "eval", self.dynamics_step(self.state, eval_tokens))
+        if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
+            self.ckpt.wait()
+        if self.hub:
+            self.hub.upload(step, self.ckpt.dir / str(step), self.run_dir / "learning_dynamics" / str(step))
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
@@ -426,6 +472,7 @@ class Trainer:
         cfg, steps = self.cfg, self.cfg.train.steps
         self.start()
         bar = tqdm(total=steps, initial=self.start_step, disable=not self.is_main, dynamic_ncols=True, mininterval=1.0)
+        stopping = False
         with jax.set_mesh(self.mesh), StopSignal() as stop:
             self.save(self.start_step)  # step 0 of a new run
             batches = data.prefetch(lambda s: self.train_data.batch(s, self.batch_sharding), range(self.start_step, steps))
@@ -441,16 +488,18 @@ class Trainer:
                     self.log_train(done, bar)
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != steps:
                     self.log(self.evaluate(), done, bar)
-                if stop.agreed(sync=is_log) or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0):
+                stopping = stop.agreed(sync=is_log)  # every process stops at the same step
+                if stopping or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0):
                     self.save(done)
-                if stop.requested and stop.agreed(sync=is_log):
+                if stopping:
                     break
         bar.close()
-        if stop.requested:
-            return self.finish(dict(step=self.saved_step, interrupted=stop.requested))
+        if stopping:
+            return self.finish(dict(step=self.saved_step, interrupted=stop.requested or "stop (another process)"))
         self.save(steps)
         final = dict(step=steps, train_loss=self.history[-1]["loss"], **self.evaluate())
         final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], self.mcfg.vocab_size)
+        final.update(self.diversity())
         self.log(final, steps)
         sample = self.sample() if cfg.sample.max_new_tokens else None
         if self.is_main:
@@ -463,6 +512,8 @@ class Trainer:
     def finish(self, final: dict) -> dict:
         if self.ckpt:
             self.ckpt.wait()
+        if self.hub:
+            self.hub.wait()
         if self.is_main:
             if final.get("interrupted"):
                 print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")

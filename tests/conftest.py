@@ -16,6 +16,7 @@ TINY = [  # a model small enough to compile and step in seconds
     "model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "data.batch_size=16", "eval.batch_size=8", "eval.max_tokens=2048", "train.steps=3", "train.log_every=1",
     "eval.every_steps=0", "sample.max_new_tokens=0", "opt.warmup_steps=1", "wandb.mode=disabled",
+    "checkpoint.dynamics.layers=[]",  # learning-dynamics snapshots are tested on their own
 ]
 
 

@@ -172,3 +172,22 @@ def test_load_needs_only_the_directory(tiny_cfg):
     assert loop["step"] == 2 and cfg.model.d_model == 32
     tokens = jax.numpy.asarray(t.train_data.rows(0)[:2, :-1])
     np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
+
+
+def test_relora_resume_across_the_warm_start_wrap_is_exact(tiny_cfg):
+    # checkpoints at 0 and 2 (full-rank), 4 (wrapped at 3, merged at 4): resume from 4 needs the wrapped layout
+    cfg = tiny_cfg("train.steps=6", "checkpoint.every_steps=2", "checkpoint.keep=null", "model.n_layers=1",
+                   "model.relora.warm_start_steps=3", "model.relora.reset_frequency=2", "model.relora.r=4",
+                   "model.relora.restart_warmup_steps=1", "model.relora.lora_dropout=0.0", config="relora")
+    straight = train.Trainer(cfg)
+    straight.run()
+    ref = leaves(straight.state)
+    shutil.rmtree(straight.ckpt.dir / "6")
+    resumed = train.Trainer(cfg)
+    assert resumed.start_step == 4
+    resumed.run()
+    assert_bitwise(leaves(resumed.state), ref)
+    model, _, loop = checkpoint.load(straight.run_dir)  # the directory alone, wrapped layout included
+    assert loop["step"] == 6
+    tokens = jax.numpy.asarray(resumed.train_data.rows(0)[:2, :-1])
+    np.testing.assert_allclose(model(tokens), resumed.model(tokens), rtol=1e-6, atol=1e-6)
