@@ -2,8 +2,8 @@
 learning-dynamics snapshots taken with each of them.
 
 Layout: <checkpoint.dir>/<step>/{state, loop, config}. `state` is the nnx state of (model, optimizer), params
-and Adam moments, restored with the shardings of the current mesh; `loop` is JSON (step, seed, tokens seen; the
-data position is the step, since the batch is a pure function of (seed, step)); `config` is the resolved run
+and Adam moments, restored with the shardings of the current mesh; `loop` is JSON (step, seed, tokens seen, the
+latest evaluation; the data position is the step, since the batch is a pure function of (seed, step)); `config` is the resolved run
 config as JSON, so `load(dir)` needs nothing but the directory. Orbax writes each step into a temporary folder
 and renames it when complete, so a process killed mid-save leaves the earlier checkpoints intact.
 

@@ -415,7 +415,8 @@ class Trainer:
         self.check_finite(step)
         if self.ckpt is None or step == self.saved_step and self.ckpt.latest_step() == step:
             return
-        loop = dict(step=step, seed=self.cfg.seed, tokens_seen=step * self.cfg.data.batch_size * self.mcfg.seq_len)
+        loop = dict(step=step, seed=self.cfg.seed, tokens_seen=step * self.cfg.data.batch_size * self.mcfg.seq_len,
+                    eval=self.last_eval)  # the latest evaluation (val_loss, val_ppl and its step), if any
         self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
         self.saved_step = step
         if self.dynamics_layers:  # computed with this step's parameters on its train batch and the fixed eval batch
@@ -445,7 +446,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.peak_flops, self.peak_source = peak_flops(self.mcfg.dtype)
-        self.meter, self.wandb, self.history = Meter(), None, []
+        self.meter, self.wandb, self.history, self.last_eval = Meter(), None, [], None
         metrics = self.run_dir / "metrics.json"
         if self.start_step and metrics.exists():
             self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= self.start_step]
@@ -487,17 +488,19 @@ class Trainer:
                 if is_log:
                     self.log_train(done, bar)
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != steps:
-                    self.log(self.evaluate(), done, bar)
+                    self.last_eval = dict(step=done, **self.evaluate())  # stored with the next checkpoint
+                    self.log(self.last_eval, done, bar)
                 stopping = stop.agreed(sync=is_log)  # every process stops at the same step
-                if stopping or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0):
+                if stopping or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done != steps):
                     self.save(done)
                 if stopping:
                     break
         bar.close()
         if stopping:
             return self.finish(dict(step=self.saved_step, interrupted=stop.requested or "stop (another process)"))
-        self.save(steps)
         final = dict(step=steps, train_loss=self.history[-1]["loss"], **self.evaluate())
+        self.last_eval = dict(step=steps, val_loss=final["val_loss"], val_ppl=final["val_ppl"])
+        self.save(steps)  # after the final evaluation, which it stores
         final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], self.mcfg.vocab_size)
         final.update(self.diversity())
         self.log(final, steps)

@@ -170,6 +170,8 @@ def test_load_needs_only_the_directory(tiny_cfg):
     t.run()
     model, cfg, loop = checkpoint.load(t.run_dir)
     assert loop["step"] == 2 and cfg.model.d_model == 32
+    final = json.loads((t.run_dir / "metrics.json").read_text())["final"]
+    assert loop["eval"] == dict(step=2, val_loss=final["val_loss"], val_ppl=final["val_ppl"])  # stored with it
     tokens = jax.numpy.asarray(t.train_data.rows(0)[:2, :-1])
     np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
 
