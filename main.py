@@ -16,7 +16,8 @@ from model import ConfigError
 
 @hydra.main(version_base=None, config_path="configs", config_name="local")
 def main(cfg):
-    logging.getLogger("jax").setLevel(logging.WARNING)  # not INFO lines about absent TPU/GPU backends
+    for name in ("jax", "absl"):  # not INFO lines about absent backends and every Orbax save step
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         train.init_distributed(cfg.distributed)
         train.run(cfg)
