@@ -421,11 +421,12 @@ class Trainer:
         self.saved_step = step
         if self.dynamics_layers:  # computed with this step's parameters on its train batch and the fixed eval batch
             out = self.run_dir / "learning_dynamics" / str(step)
-            tokens = self.train_data.batch(step, self.batch_sharding)
-            save_dynamics(out, "train", self.dynamics_step(self.state, tokens), tokens)
-            eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
-                                                  None, self.batch_sharding))
-            save_dynamics(out, "eval", self.dynamics_step(self.state, eval_tokens))
+            with jax.set_mesh(self.mesh):  # the same context at every save, or the jitted step would recompile
+                tokens = self.train_data.batch(step, self.batch_sharding)
+                save_dynamics(out, "train", self.dynamics_step(self.state, tokens), tokens)
+                eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
+                                                      None, self.batch_sharding))
+                save_dynamics(out, "eval", self.dynamics_step(self.state, eval_tokens))
         if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
             self.ckpt.wait()
         if self.hub:
