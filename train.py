@@ -25,7 +25,7 @@ import data
 import relora
 from checkpoint import Checkpoints, HubUploader, abstract_like, dynamics_step, save_dynamics
 from generate import distinct, generate_ids
-from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params, generate
+from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 if not OmegaConf.has_resolver("mul"):
@@ -367,26 +367,28 @@ class Trainer:
         loss = float(total / count)
         return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
 
-    def sample(self, prompt: str | None = None) -> str:
-        s = self.cfg.sample
+    def prompt_ids(self):
+        """sample.prompt as token ids through the run's tokenizer, and the tokenizer (None without one: token 0)."""
         tok_path = self.data_dir / "tokenizer.json"
         tok = data.load_tokenizer(tok_path) if tok_path.exists() else None
-        prompt = s.prompt if prompt is None else prompt
-        ids = tok.encode(prompt).ids if tok else [0]
-        ids = ids[-(self.mcfg.seq_len - s.max_new_tokens):] or [0]
+        return (tok.encode(self.cfg.sample.prompt).ids if tok else []) or [0], tok
+
+    def sample(self) -> str:
+        """sample.prompt and one continuation of it, as text."""
+        s = self.cfg.sample
+        ids, tok = self.prompt_ids()
         with jax.set_mesh(self.mesh):
-            out = generate(self.model, jnp.asarray([ids], jnp.int32), s.max_new_tokens,
-                           jax.random.key(self.cfg.seed), s.temperature, s.top_k, s.top_p)
-        out = np.asarray(jax.device_get(out))[0].tolist()
-        return tok.decode(out) if tok else " ".join(map(str, out))
+            new = generate_ids(self.model, [ids], s.max_new_tokens, jax.random.key(self.cfg.seed),
+                               s.temperature, s.top_k, s.top_p)[0]
+        ids = ids[-max(self.mcfg.seq_len - s.max_new_tokens, 1):] + new  # the prompt as generate_ids kept it
+        return tok.decode(ids) if tok else " ".join(map(str, ids))
 
     def diversity(self) -> dict:
         """distinct-1..5 over the token ids of sample.n_samples continuations of sample.prompt (0 samples: {})."""
         s = self.cfg.sample
         if not (s.n_samples and s.max_new_tokens):
             return {}
-        tok_path = self.data_dir / "tokenizer.json"
-        ids = (data.load_tokenizer(tok_path).encode(s.prompt).ids if tok_path.exists() else []) or [0]
+        ids, _ = self.prompt_ids()
         with jax.set_mesh(self.mesh):
             new = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, jax.random.key(self.cfg.seed),
                                s.temperature, s.top_k, s.top_p)
