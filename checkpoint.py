@@ -11,6 +11,9 @@ Learning dynamics (SPEC §3), computed with the step's parameters inside one jit
 <run_dir>/learning_dynamics/<step>/{train,eval}.safetensors (readable with `safetensors` or numpy alone):
     activations/blocks.<i>.<layer>  [N, out]  the layer's output at the last token of each sequence
     weights/blocks.<i>.<layer>      [in, out] its kernel (y = x @ W; for a ReLoRA layer W + scale (B A)^T)
+    weights_base/blocks.<i>.<layer>   [in, out] ReLoRA layers only: the frozen W (earlier merges included)
+    weights_update/blocks.<i>.<layer> [in, out] ReLoRA layers only: scale (B A)^T, the current branch (0 right
+                                      after a merge-and-reset); base + update == weights exactly
     gradients/blocks.<i>.<layer>    [in, out] d loss / d kernel on that batch
     tokens                          [N, T+1]  the batch itself (train split only)
 `train` is the batch the trainer draws at that step (the one the next update uses); `eval` is the first
@@ -142,8 +145,10 @@ def dynamics_step(graphdef, state, tokens, layers: tuple[str, ...]) -> dict:
             node = lambda tree: _at(tree, path)
             out[f"activations/{name}"] = node(inter)["__call__"][0][:, -1, :]
             layer_module = _at(model, path, getattr)
-            merged = getattr(layer_module, "merged_kernel", None)  # a ReLoRA layer: W + scale (B A)^T
-            out[f"weights/{name}"] = merged() if merged else node(params)["kernel"][...]
+            if hasattr(layer_module, "update"):  # a ReLoRA layer: W and scale (B A)^T; save_dynamics adds them up
+                out[f"weights_base/{name}"], out[f"weights_update/{name}"] = layer_module.kernel[...], layer_module.update()
+            else:
+                out[f"weights/{name}"] = node(params)["kernel"][...]
             out[f"gradients/{name}"] = node(grads)["kernel"][...]
     return out
 
@@ -165,6 +170,11 @@ def save_dynamics(directory, split: str, arrays: dict, tokens=None):
     if jax.process_index() != 0:
         return
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in jax.device_get(arrays).items()}
+    for key in [k for k in arrays if k.startswith("weights_base/")]:
+        # a ReLoRA layer's kernel W + scale (B A)^T, summed here so that the stored terms add up to it exactly
+        # (inside XLA the add fuses with the scale into an FMA, an ulp away from the sum of the rounded terms)
+        name = key.partition("/")[2]
+        arrays[f"weights/{name}"] = arrays[key] + arrays[f"weights_update/{name}"]
     if tokens is not None:
         arrays["tokens"] = np.asarray(jax.device_get(tokens)).astype(np.int32)
     directory = Path(directory)

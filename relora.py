@@ -143,11 +143,14 @@ class LoRALinear(nnx.Module):
         h = (self.scale() * (h @ self.A[...].T.astype(self.dtype))).astype(self.dtype)  # [..., R]
         return x @ self.kernel[...].astype(self.dtype) + h @ self.B[...].T.astype(self.dtype)
 
+    def update(self):
+        """scale (B A)^T [in, out]: the low-rank branch as a kernel."""
+        return self.scale() * jnp.einsum("ri,or->io", self.A[...], self.B[...], precision=jax.lax.Precision.HIGHEST)
+
     def merged_kernel(self):
         """W + scale (B A)^T [in, out]: the plain kernel this layer computes with. The scale must be in the merge:
         `W += B A` would rescale every update after the first."""
-        update = jnp.einsum("ri,or->io", self.A[...], self.B[...], precision=jax.lax.Precision.HIGHEST)  # [in, out]
-        return self.kernel[...] + self.scale() * update
+        return self.kernel[...] + self.update()
 
     def merge_and_reset(self, a):
         """Fold the branch into W, then start a fresh one: A = a, B = 0, s = 1. The layer's function is unchanged."""

@@ -16,6 +16,7 @@ def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
     for step in (0, 2, 4):
         snap = load_dynamics(t.run_dir, step)
         assert {k[0] for k in snap} == {"train", "eval"}
+        assert {k[1] for k in snap} == {"activations", "weights", "gradients", "tokens"}  # no ReLoRA terms
         for split, n in (("train", 16), ("eval", 8)):
             for i in range(c.n_layers):
                 assert snap[(split, "activations", f"blocks.{i}.attention.v")].shape == (n, c.n_kv_heads * c.head_dim)
@@ -55,3 +56,13 @@ def test_relora_layers_store_their_effective_weight(tiny_cfg):
     assert float(jnp.abs(block.attention.v.B[...]).max()) > 0
     np.testing.assert_allclose(h @ snap[("train", "weights", "blocks.0.attention.v")], v, rtol=1e-5, atol=1e-6)
     assert np.abs(snap[("train", "gradients", "blocks.0.attention.v")]).sum() > 0
+    # the two terms of the wrapped layer: the frozen W (step 3's merge included) and this cycle's scale (B A)^T
+    for split in ("train", "eval"):
+        for i in range(t.mcfg.n_layers):
+            name, layer = f"blocks.{i}.attention.v", model.blocks[i].attention.v
+            base, update = snap[(split, "weights_base", name)], snap[(split, "weights_update", name)]
+            np.testing.assert_array_equal(base + update, snap[(split, "weights", name)])
+            np.testing.assert_array_equal(base, layer.kernel[...])
+            np.testing.assert_allclose(update, layer.update(), rtol=1e-6, atol=1e-9)
+            assert np.abs(update).max() > 0
+    assert {k[1] for k in snap} == {"activations", "weights", "weights_base", "weights_update", "gradients", "tokens"}
