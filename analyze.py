@@ -48,11 +48,14 @@ Output layout (under `out`):
 """
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
 
-import numpy as np
+if __name__ == "__main__":  # small matrices: BLAS threads cost more than they save (an SVD 5-20x slower on 2 cores)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import numpy as np  # noqa: E402
 
 KEYS = {"run_dir": None, "metrics": None, "steps": None, "split": "train", "target_step": None, "out": None,
         "wandb": "disabled", "compare": None}
@@ -73,22 +76,22 @@ def frobenius(w) -> float:
     return float(np.linalg.norm(np.asarray(w, np.float64)))
 
 
-def nuclear(w) -> float:
-    return float(singular_values(w).sum())
+def nuclear(w, s=None) -> float:  # s: w's singular values, when already computed
+    return float((singular_values(w) if s is None else s).sum())
 
 
 def max_abs(w) -> float:
     return float(np.abs(np.asarray(w, np.float64)).max())
 
 
-def condition_number(w) -> float:
-    s = singular_values(w)
+def condition_number(w, s=None) -> float:
+    s = singular_values(w) if s is None else s
     return float(s[0] / s[-1]) if s[-1] > 0 else math.inf if s[0] > 0 else math.nan
 
 
-def per(w) -> float:
+def per(w, s=None) -> float:
     """Proportional effective rank (Roy & Vetterli 2007, over n = min(in, out)): 1 for an identity, 1/n at rank 1."""
-    s = singular_values(w)
+    s = singular_values(w) if s is None else s
     if s[0] == 0:
         return math.nan  # a zero matrix (a ReLoRA update right after a merge) has no spectrum to spread
     p = s / s.sum()
@@ -148,6 +151,7 @@ MATRIX_METRICS = dict(frobenius=frobenius, nuclear=nuclear, max_abs=max_abs, con
                       per=per, gini=gini, hoyer=hoyer)  # on weights and gradients
 ACTIVATION_METRICS = dict(cka=cka, pwcca=pwcca)  # a step's eval activations against target_step's
 METRICS = {**MATRIX_METRICS, **ACTIVATION_METRICS}
+SPECTRAL = ("nuclear", "condition_number", "per")  # take the singular values, computed once per matrix
 LOG_SCALE = ("condition_number",)
 
 
@@ -255,8 +259,12 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
         snap = load_dynamics(run_dir, step)
         if matrix:
             data = {kind: components(snap, kind, split, model) for kind in ("weights", "gradients")}
+            spectra = {kind: {c: singular_values(w) for c, w in comps.items()} if set(matrix) & set(SPECTRAL) else {}
+                       for kind, comps in data.items()}
             for m in matrix:
-                results[m][step] = {kind: {c: METRICS[m](w) for c, w in comps.items()} for kind, comps in data.items()}
+                kw = lambda kind, c: dict(s=spectra[kind][c]) if m in SPECTRAL else {}
+                results[m][step] = {kind: {c: METRICS[m](w, **kw(kind, c)) for c, w in comps.items()}
+                                    for kind, comps in data.items()}
         if acts:
             mine = components(snap, "activations", "eval", model)
             for m in acts:
@@ -330,8 +338,8 @@ def plot_metric(by_step: dict, path: Path, title: str, log: bool = False):
     layers = sorted({layer for _, layer in series}, key=lambda l: (l == "attention.ov", l))
     n_blocks = 1 + max((b for lines in series.values() for b, _, _ in lines.values()), default=0)
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, n_blocks))
-    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.2 * len(layers), 2.6 * len(kinds)),
-                             squeeze=False, sharex=True)
+    height = 2.4 * len(kinds) + 1.0  # inches: the panels, plus the title above and the legend below
+    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.2 * len(layers), height), squeeze=False, sharex=True)
     for r, kind in enumerate(kinds):
         for col, layer in enumerate(layers):
             ax = axes[r][col]
@@ -355,14 +363,15 @@ def plot_metric(by_step: dict, path: Path, title: str, log: bool = False):
                     Line2D([], [], color="gray", ls=":", label="ReLoRA update scale (BA)^T")]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    # fixed margins, in inches: tight_layout took seconds per figure
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.75 / height, top=1 - 0.5 / height, wspace=0.3, hspace=0.35)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
 def compare(run_dirs: list, metric: str = "per", split: str = "train", out=None, kind: str = "weights") -> Path:
-    """Side by side from analyzed runs: a panel per layer, a colour per run, thin lines per block and the mean
-    over blocks thick (effective kernels only: no ReLoRA base / update, no OV heads)."""
+    """Side by side from analyzed runs: a panel per layer, a colour per run, a thin line per block (per head for the
+    OV circuit) and their mean thick. Effective kernels only: no ReLoRA base / update."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -378,22 +387,22 @@ def compare(run_dirs: list, metric: str = "per", split: str = "train", out=None,
                                 f"`python analyze.py run_dir={run} metrics=[{metric}]` first")
         runs[run.name] = {int(f.stem): json.loads(f.read_text())["values"][kind] for f in files}
     layers = sorted({_panel(c)[1] for by_step in runs.values() for vals in by_step.values() for c in vals
-                     if _panel(c)[2] == "-" and _panel(c)[3] is None})
-    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.0), squeeze=False, sharey=True)
+                     if _panel(c)[2] == "-"}, key=lambda l: (l == "attention.ov", l))
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.0), squeeze=False)
     for (name, by_step), color in zip(runs.items(), plt.get_cmap("tab10").colors):
         steps = sorted(by_step)
         for ax, layer in zip(axes[0], layers):
-            comps = sorted({c for s in steps for c in by_step[s] if _panel(c)[1] == layer and _panel(c)[2] == "-"
-                            and _panel(c)[3] is None}, key=_sort_key)
+            comps = sorted({c for s in steps for c in by_step[s] if _panel(c)[1] == layer and _panel(c)[2] == "-"},
+                           key=_sort_key)
             grid = np.array([[by_step[s].get(c) if by_step[s].get(c) is not None else np.nan for c in comps]
                              for s in steps], dtype=float)
             ax.plot(steps, grid, color=color, lw=0.6, alpha=0.45)
-            ax.plot(steps, np.nanmean(grid, axis=1), color=color, lw=2.2, label=f"{name} (mean of {len(comps)} blocks)")
+            ax.plot(steps, np.nanmean(grid, axis=1), color=color, lw=2.2, label=name)
             ax.set_title(f"{kind}: {layer}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel(metric, fontsize=9)
-    axes[0][0].legend(fontsize=7, frameon=False)
+    axes[0][0].legend(fontsize=7, frameon=False, title="thick: mean over blocks", title_fontsize=7)
     fig.tight_layout()
     out = Path(out).expanduser() if out else Path(f"compare_{metric}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
