@@ -259,12 +259,12 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
         snap = load_dynamics(run_dir, step)
         if matrix:
             data = {kind: components(snap, kind, split, model) for kind in ("weights", "gradients")}
-            spectra = {kind: {c: singular_values(w) for c, w in comps.items()} if set(matrix) & set(SPECTRAL) else {}
-                       for kind, comps in data.items()}
+            spectra = {kind: {c: singular_values(w) for c, w in comps.items()} for kind, comps in data.items()} \
+                if set(matrix) & set(SPECTRAL) else {}
             for m in matrix:
-                kw = lambda kind, c: dict(s=spectra[kind][c]) if m in SPECTRAL else {}
-                results[m][step] = {kind: {c: METRICS[m](w, **kw(kind, c)) for c, w in comps.items()}
-                                    for kind, comps in data.items()}
+                value = (lambda kind, c, w: METRICS[m](w, s=spectra[kind][c])) if m in SPECTRAL else \
+                    (lambda kind, c, w: METRICS[m](w))
+                results[m][step] = {kind: {c: value(kind, c, w) for c, w in comps.items()} for kind, comps in data.items()}
         if acts:
             mine = components(snap, "activations", "eval", model)
             for m in acts:
