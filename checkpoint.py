@@ -145,7 +145,7 @@ def dynamics_step(graphdef, state, tokens, layers: tuple[str, ...]) -> dict:
             node = lambda tree: _at(tree, path)
             out[f"activations/{name}"] = node(inter)["__call__"][0][:, -1, :]
             layer_module = _at(model, path, getattr)
-            if hasattr(layer_module, "update"):  # a ReLoRA layer: W and scale (B A)^T; save_dynamics adds them up
+            if hasattr(layer_module, "merged_kernel"):  # a ReLoRA layer: W and scale (B A)^T; save_dynamics adds them
                 out[f"weights_base/{name}"], out[f"weights_update/{name}"] = layer_module.kernel[...], layer_module.update()
             else:
                 out[f"weights/{name}"] = node(params)["kernel"][...]
