@@ -37,6 +37,9 @@ Components, per block i (names as stored: blocks.<i>.<layer>):
                                        condition number is numerically infinite and its per at most E / D);
                                        activations a_V[:, kv(h)] @ W_O[h] [N, D]. Not for gradients: a product of
                                        two gradients is not the gradient of anything (pico-analyze skips it too).
+                                       pico-analyze's OV weights multiply the other way round (V[kv(h)] O[:, h] in
+                                       PyTorch's [out, in] layout, an [E, E] matrix: same nonzero eigenvalues, other
+                                       singular values); this is the map the residual stream sees, x -> x W_OV.
     kv(h) = h // (n_heads / n_kv_heads) selects head dim columns kv(h) E .. (kv(h) + 1) E; W_O[h] is rows h E .. (h+1) E.
 
 Output layout (under `out`):
