@@ -2,7 +2,7 @@
 
     python analyze.py run_dir=runs/local                                  # every metric at every stored step
     python analyze.py run_dir=runs/local metrics=[per,cka] steps=[0,100,200] target_step=200
-    python analyze.py run_dir=runs/local steps={start:0,end:300,every:50} split=eval wandb=offline
+    python analyze.py run_dir=runs/local 'steps={start:0,end:300,every:50}' split=eval wandb=offline   # quoted: bash would split {a,b} on the commas
     python analyze.py compare=[runs/local,runs/relora] metrics=[per] out=docs/relora_effective_rank.png
 
 A separate module from train.py and checkpoint.py's writers: the analysis reads only the snapshot files
@@ -216,7 +216,7 @@ def select_steps(spec, present: list[int], where) -> list[int]:
         steps = list(range(start, end + 1, spec["every"]))
     else:
         raise AnalysisError(f"steps={spec!r}; use a list (steps=[0,100,200]), a range "
-                            f"(steps={{start:0,end:300,every:100}}, end included) or leave it out for all stored steps")
+                            f"(quoted in a shell: 'steps={{start:0,end:300,every:100}}', end included) or leave it out for all stored steps")
     missing = [s for s in steps if s not in present]
     if missing or not steps:
         raise AnalysisError(f"step(s) {missing or steps} not stored in {where}; steps present: {present}")
