@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 import data
 import relora
 from checkpoint import Checkpoints, HubUploader, abstract_like, dynamics_step, save_dynamics
-from generate import distinct, generate_ids
 from families import LSTM, KGramConfig, KGramMLP, LSTMConfig
+from generate import distinct, generate_ids
 from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
