@@ -275,12 +275,14 @@ class Block(nnx.Module):
         self.post = cfg.norm_placement == "post"
         self.attention_norm = Norm(cfg)
         self.attention = Attention(cfg, rngs)
-        self.mlp_name = "swiglu" if cfg.mlp == "swiglu" else "mlp"
-        setattr(self, f"{self.mlp_name}_norm", Norm(cfg))
-        setattr(self, self.mlp_name, SwiGLU(cfg, rngs) if cfg.mlp == "swiglu" else GeluMLP(cfg, rngs))
+        self.gelu = cfg.mlp == "gelu"
+        if self.gelu:
+            self.mlp_norm, self.mlp = Norm(cfg), GeluMLP(cfg, rngs)
+        else:
+            self.swiglu_norm, self.swiglu = Norm(cfg), SwiGLU(cfg, rngs)
 
     def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
-        mlp, mlp_norm = getattr(self, self.mlp_name), getattr(self, f"{self.mlp_name}_norm")
+        mlp, mlp_norm = (self.mlp, self.mlp_norm) if self.gelu else (self.swiglu, self.swiglu_norm)
         if self.post:
             a, cache = self.attention(x, sin, cos, cache, pos, start)
             h = self.attention_norm(x + a)
