@@ -343,6 +343,9 @@ class Trainer:
         if self.relora and not isinstance(self.mcfg, ModelConfig):
             raise ConfigError(f"model.relora is set but model.kind={cfg.model.kind}: ReLoRA wraps the decoder's "
                               f"attention and MLP projections; set model.relora=null or model.kind=decoder")
+        if self.relora and getattr(self.mcfg, "mlp", None) == "gelu" and {"swiglu", "gate"} & set(self.relora.target_modules):
+            raise ConfigError(f"model.relora.target_modules={list(self.relora.target_modules)} names SwiGLU layers but "
+                              f"model.mlp=gelu; target `mlp` (the GELU MLP's up and down projections) instead")
         self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
         if self.relora:
             self.schedule = relora.jagged_schedule(self.schedule, self.relora)

@@ -254,10 +254,20 @@ def test_bad_knob_or_family_names_the_key(overrides, match, tiny_cfg):
 def test_relora_and_unknown_family_keys_are_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="model.relora is set but model.kind=lstm"):
         train.Trainer(tiny_cfg("model.kind=lstm", "+model.relora.r=4"), build_data=False, resume=False)
+    with pytest.raises(ConfigError, match=r"names SwiGLU layers but model.mlp=gelu; target `mlp`"):
+        train.Trainer(tiny_cfg("model.mlp=gelu", "+model.relora.r=4"), build_data=False, resume=False)
     with pytest.raises(ConfigError, match="unknown config key 'model.lstm.width'"):
         train.check_keys(make_cfg("+model.lstm.width=3"))
     with pytest.raises(ConfigError, match=r"model.lstm.width"):
         train.model_config(dict(kind="lstm", lstm=dict(width=3)))
+
+
+def test_relora_wraps_the_gelu_mlp_by_its_name():
+    import relora
+    model = relora.wrap(build({**DECODER, "mlp": "gelu"}), relora.ReLoRAConfig(target_modules=("mlp",), r=4))
+    wrapped = relora.lora_layers(model)
+    assert len(wrapped) == 2 * DECODER["n_layers"] and isinstance(model.blocks[0].mlp.down, relora.LoRALinear)
+    assert not isinstance(model.blocks[0].attention.q, relora.LoRALinear)
 
 
 def test_dynamics_layers_follow_the_mlp_and_catch_typos():
