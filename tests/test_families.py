@@ -206,7 +206,7 @@ FAMILY_TINY = {"lstm": ["model.kind=lstm", "model.lstm.d_embed=16", "model.lstm.
                "kgram_mlp": ["model.kind=kgram_mlp", "model.kgram.d_embed=16", "model.kgram.d_hidden=32"]}
 
 
-@pytest.mark.parametrize("kind", ["lstm"])  # the k-gram model trains, checkpoints and samples in the multirun test
+@pytest.mark.parametrize("kind", ["lstm"])  # the k-gram model and a knobbed decoder: in the multirun test
 def test_family_trains_checkpoints_resumes_samples_and_loads(kind, tiny_cfg, capsys):
     cfg = tiny_cfg(*FAMILY_TINY[kind], "sample.max_new_tokens=6", "sample.n_samples=3", "eval.every_steps=2",
                    "checkpoint.dynamics.layers=[attention.v]")
@@ -303,26 +303,32 @@ def test_export_refuses_other_families(tmp_path):
 # ---------------------------------------------------------------------------------------------- multirun and report
 
 def test_multirun_writes_one_run_per_job_and_report_compares_them(corpus_cache, tmp_path):
+    """A k-gram MLP and a decoder with every non-default knob (the knob keys are ignored by the k-gram model):
+    each trains, evaluates, samples and checkpoints into its own run directory; report.py compares them."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, str(ROOT / "main.py"), "-m", "model.kind=lstm,kgram_mlp", *TINY, *FAMILY_TINY["lstm"][1:],
+    knobs = [f"model.{k}={str(v).lower()}" for k, v in ALL_KNOBS.items()]
+    cmd = [sys.executable, str(ROOT / "main.py"), "-m", "model.kind=kgram_mlp,decoder", *TINY, *knobs,
            *FAMILY_TINY["kgram_mlp"][1:], f"data.cache_dir={corpus_cache}", "sample.max_new_tokens=6",
            "sample.n_samples=2", "train.steps=2", f"hydra.sweep.dir={sweep}"]
     env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    for job, kind in ((0, "lstm"), (1, "kgram_mlp")):
+    for job, kind in ((0, "kgram_mlp"), (1, "decoder")):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())
-        assert "val_loss" in metrics["final"] and (sweep / str(job) / "checkpoints" / "2").is_dir()
+        assert np.isfinite(metrics["final"]["val_loss"]) and (sweep / str(job) / "checkpoints" / "2").is_dir()
         assert f"kind: {kind}" in (sweep / str(job) / "config.yaml").read_text()
         assert 0 < metrics["final"]["greedy_distinct_1"] <= 1 and 0 < metrics["final"]["distinct_5"] <= 1
-    model, _, loop = checkpoint.load(sweep / "1")  # the k-gram model from its directory alone
-    assert type(model).__name__ == "KGramMLP" and loop["step"] == 2
     assert not (tmp_path / "runs").exists()  # not every job into runs/<name>
+    for job, name in ((0, "KGramMLP"), (1, "Decoder")):  # each model from its directory alone
+        model, _, loop = checkpoint.load(sweep / str(job))
+        assert type(model).__name__ == name and loop["step"] == 2
+    assert (model.cfg.pos_encoding, model.cfg.norm_placement, model.cfg.mlp, model.cfg.tie_embeddings) == \
+        ("absolute", "post", "gelu", True)
     p = subprocess.run([sys.executable, str(ROOT / "report.py"), str(sweep)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     md = (sweep / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| model.kind=")]
-    assert len(rows) == 2 and "lstm" in rows[0] and "kgram_mlp" in rows[1], md
+    assert len(rows) == 2 and "kgram_mlp" in rows[0] and "decoder" in rows[1], md
     csv = (sweep / "report.csv").read_text().splitlines()
     assert len(csv) == 3 and "val_loss" in csv[0] and "greedy_distinct_5" in csv[0] and "top_p_distinct_1" in csv[0]
     assert (sweep / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
