@@ -19,6 +19,7 @@ Learning dynamics (SPEC §3), computed with the step's parameters inside one jit
 `train` is the batch the trainer draws at that step (the one the next update uses); `eval` is the first
 eval.batch_size sequences of valid.bin, the same at every step. Layers: checkpoint.dynamics.layers per block.
 """
+import dataclasses
 import os
 from pathlib import Path
 
@@ -29,7 +30,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from omegaconf import OmegaConf
 
-from model import ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -68,10 +68,11 @@ class Checkpoints:
         """(state, loop) of `step`, placed as `abstract_state` says (ShapeDtypeStructs with shardings).
         With `model_config`, first checks that the checkpoint was made by the same model."""
         if model_config is not None:
-            saved = {k: v for k, v in self.config(step)["model"].items() if k != "relora"}
-            now = {k: v for k, v in dict(model_config).items() if k != "relora"}
+            # the frozen configs of both (each model.kind's own fields; keys a checkpoint predates take their
+            # defaults), less what does not change the parameters
+            saved, now = (model_fields(m) for m in (self.config(step)["model"], model_config))
             diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                    and k in ModelConfig.__dataclass_fields__ and k not in ("dtype", "attention", "remat")}
+                    and k not in ("dtype", "attention", "remat")}
             if diff:
                 desc = ", ".join(f"model.{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(diff.items()))
                 raise CheckpointError(f"the checkpoint in {self.dir / str(step)} was made by a different model ({desc}); "
@@ -94,6 +95,18 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+def model_fields(block) -> dict:
+    """The `model:` config block as its family's frozen config fields named by their config keys (`lstm.d_hidden`
+    for model.lstm.d_hidden), with `kind`."""
+    import train
+    from families import SHARED
+    kind = block.get("kind") or "decoder"
+    sub = {"lstm": "lstm.", "kgram_mlp": "kgram."}.get(kind, "")
+    fields = dataclasses.asdict(train.model_config(block))
+    return dict(kind=kind, **{(k if k in SHARED or not sub else sub + k): v
+                              for k, v in fields.items()})
 
 
 def abstract_like(state):

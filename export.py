@@ -11,7 +11,7 @@ weights are written with `safetensors` alone; the parity tests load them with tr
 The pico-decoder is a Llama (SPEC §1) so the conversion is a renaming plus layouts:
     picojax Linear kernel [in, out] (y = x @ W)  ->  torch Linear weight [out, in]  (transpose)
     embed [V, D]                                 ->  model.embed_tokens.weight [V, D]
-    head kernel [D, V]                           ->  lm_head.weight [V, D] (untied)
+    head kernel [D, V]                           ->  lm_head.weight [V, D] (untied; tied: tie_word_embeddings)
     RMSNorm scale [D]                            ->  *_layernorm.weight / model.norm.weight
 RoPE needs no q / k permutation: picojax rotates halves (model.apply_rope), as Hugging Face Llama does; the
 parity tests (tests/test_export.py) check it. A ReLoRA-wrapped model exports its merged weights W + scale (B A)^T.
@@ -39,6 +39,22 @@ LINEARS = {
 NORMS = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm"}
 
 
+# research knobs (model.py) that a Hugging Face Llama cannot represent, and the value it has
+NOT_LLAMA = {"pos_encoding": "rope", "norm_placement": "pre", "norm_type": "rmsnorm", "mlp": "swiglu", "qk_norm": False}
+
+
+def check_llama(cfg) -> None:
+    """Refuse a model that is not a Llama: another model.kind, or a knob Llama does not have."""
+    if not isinstance(cfg, ModelConfig):
+        kind = {"LSTMConfig": "lstm", "KGramConfig": "kgram_mlp"}.get(type(cfg).__name__, type(cfg).__name__)
+        raise ConfigError(f"only model.kind=decoder exports to Hugging Face Llama; this model is model.kind={kind}")
+    bad = [f"model.{k}={getattr(cfg, k)!r}" for k, ok in NOT_LLAMA.items() if getattr(cfg, k) != ok]
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: a Hugging Face Llama has RoPE, pre-norm RMSNorm, SwiGLU and no QK-norm; "
+                          f"only models trained with " + ", ".join(f"model.{k}={v}" for k, v in NOT_LLAMA.items())
+                          + " export (tie_embeddings and z_loss are fine)")
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json of the LlamaForCausalLM equal to the pico-decoder `cfg`. rope_theta is written both at the top
     (transformers 4.x) and in rope_parameters (5.x)."""
@@ -48,7 +64,7 @@ def hf_config(cfg: ModelConfig) -> dict:
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, rope_parameters=dict(rope_type="default", rope_theta=cfg.rope_theta),
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
         initializer_range=cfg.init_std, torch_dtype="float32",
     )
 
@@ -64,11 +80,14 @@ def _kernel(linear) -> jax.Array:
 
 
 def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
-    """The model's weights under Hugging Face Llama names and layouts, as float32 numpy arrays."""
+    """The model's weights under Hugging Face Llama names and layouts, as float32 numpy arrays (no lm_head.weight
+    with tied embeddings: Llama then reads the embedding)."""
+    check_llama(model.cfg)
     host = lambda x: np.asarray(jax.device_get(x), np.float32)
     out = {"model.embed_tokens.weight": host(model.embed[...]),
-           "model.norm.weight": host(model.norm.scale[...]),
-           "lm_head.weight": host(model.head.kernel[...]).T}
+           "model.norm.weight": host(model.norm.scale[...])}
+    if not model.cfg.tie_embeddings:
+        out["lm_head.weight"] = host(model.head.kernel[...]).T
     for i, block in enumerate(model.blocks):
         for ours, theirs in LINEARS.items():
             parent, name = ours.split(".")
@@ -81,6 +100,7 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 def export_hf(model: Decoder, out_dir) -> Path:
     """Write config.json and model.safetensors, loadable with `LlamaForCausalLM.from_pretrained(out_dir)`."""
     from safetensors.numpy import save_file
+    check_llama(model.cfg)  # before anything is written
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})

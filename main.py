@@ -2,11 +2,14 @@
 
     python main.py                            # configs/local.yaml: CPU, built-in corpus, a few minutes
     python main.py -cn tpu opt.peak_lr=0.004  # another config, with overrides
+    python main.py -m model.kind=decoder,lstm,kgram_mlp   # a sweep: one run per job, then `python report.py DIR`
 """
 import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 import train
 from checkpoint import CheckpointError
@@ -18,6 +21,9 @@ from model import ConfigError
 def main(cfg):
     for name in ("jax", "absl"):  # not INFO lines about absent backends and every Orbax save step
         logging.getLogger(name).setLevel(logging.WARNING)
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
+        cfg.run_dir = hc.runtime.output_dir  # each job its own run (multirun/<date>/<time>/<job>), not runs/<name>
     try:
         train.init_distributed(cfg.distributed)
         train.run(cfg)

@@ -4,9 +4,16 @@
     out    = h + SwiGLU(RMSNorm(h))
     logits = Linear_untied(RMSNorm(out))
 
+Research knobs (ModelConfig; the defaults above are the pico-decoder): positions `pos_encoding` rope | absolute |
+none, `norm_placement` pre | post (post: h = Norm(x + Attn(x)), out = Norm(h + MLP(h)), the original Transformer),
+`norm_type` rmsnorm | layernorm, `mlp` swiglu | gelu, `tie_embeddings` (logits = x @ embed^T), `qk_norm`
+(RMSNorm of each query and key head before RoPE) and `z_loss` (a loss term, train.loss_fn).
+
 Dimensions, used in every shape comment and einsum string:
     B batch, T time (queries), S time (keys / cache), D d_model, H query heads, K kv heads,
-    E head dim, F hidden, V vocab, L layers, R lora rank.
+    E head dim, F hidden, V vocab, L layers, R lora rank;
+    for the other model families (families.py): M embedding size, C hidden (cell) size, G = 4 C LSTM gates,
+    N the k-gram model's context length k.
 """
 import dataclasses
 import math
@@ -27,6 +34,8 @@ SHARDING = {
     "mlp_out_FD": (None, "fsdp"),
     "head_DV": ("fsdp", None),
     "norm_D": (None,),
+    "norm_E": (None,),           # QK-norm scales, shared by the heads
+    "pos_TD": (None, "fsdp"),    # learned absolute positions
     # ReLoRA factors (relora.py) follow their layer's kernel: A [R, in] is sharded where the input is D, B [out, R]
     # where the output is D; the factors of the non-D side (X = H*E or K*E, F) are small and replicated.
     "lora_a_RD": (None, "fsdp"),     # q, k, v, gate, up
@@ -34,6 +43,20 @@ SHARDING = {
     "lora_b_XR": (None, None),       # q, k, v (X out), gate, up (F out)
     "lora_b_DR": ("fsdp", None),     # o, down
     "lora_s": (),                    # trainable scale
+    # The LSTM and k-gram families (families.py) are data-parallel only: their parameters are replicated (a few
+    # million parameters; their widths need not divide the device count). The batch is still split over both axes.
+    "lstm_embed_VM": (None, None),
+    "lstm_in_MG": (None, None),      # first layer; later layers read C: "lstm_in_CG"
+    "lstm_in_CG": (None, None),
+    "lstm_rec_CG": (None, None),
+    "lstm_bias_G": (None,),
+    "lstm_head_CV": (None, None),
+    "kgram_embed_VM": (None, None),
+    "kgram_in_XC": (None, None),     # X = N*M (learned embeddings)
+    "kgram_onehot_NVC": (None, None, None),  # one-hot input: one [V, C] block per context slot
+    "kgram_hidden_CC": (None, None),
+    "kgram_bias_C": (None,),
+    "kgram_head_CV": (None, None),
 }
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,12 +80,24 @@ class ModelConfig:
     dtype: str = "bfloat16"  # compute dtype; params stay float32
     attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
     remat: bool = False  # recompute each block's activations in the backward pass
+    # research knobs; the defaults are the pico-decoder
+    pos_encoding: str = "rope"      # rope | absolute (learned [seq_len, D]) | none
+    norm_placement: str = "pre"     # pre | post
+    norm_type: str = "rmsnorm"      # rmsnorm | layernorm
+    mlp: str = "swiglu"             # swiglu | gelu
+    tie_embeddings: bool = False    # logits = x @ embed^T, no head
+    qk_norm: bool = False           # RMSNorm of queries and keys per head, before RoPE
+    z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the training loss (PaLM); 0 = off
+
+    # `kind` picks the family (train.build_model), `lstm` / `kgram` configure the others, `relora` is read by
+    # relora.py: none of them is a decoder field
+    NOT_DECODER = ("kind", "lstm", "kgram", "relora")
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
-        """Build from the `model:` config block, rejecting unknown keys (`relora` is read by relora.py)."""
+        """Build from the `model:` config block, rejecting unknown keys."""
         known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in dict(d).items() if k != "relora"}
+        d = {k: v for k, v in dict(d).items() if k not in cls.NOT_DECODER}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; known model keys: {sorted(known)}")
@@ -81,11 +116,19 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}; "
                               "grouped-query attention needs n_kv_heads to divide n_heads")
-        if self.head_dim % 2:
+        if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"head dim d_model/n_heads = {self.head_dim} is odd; RoPE needs an even head dim")
-        if self.attention not in ("auto", "xla", "cudnn"):
-            raise ConfigError(f"model.attention={self.attention!r}; use auto, xla or cudnn")
+        for key, allowed in KNOBS.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r}; use one of {list(allowed)}")
+        if self.z_loss < 0:
+            raise ConfigError(f"model.z_loss={self.z_loss}; use a weight >= 0 (0 = off, PaLM uses 1e-4)")
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
+
+
+KNOBS = {"attention": ("auto", "xla", "cudnn"), "pos_encoding": ("rope", "absolute", "none"),
+         "norm_placement": ("pre", "post"), "norm_type": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
+         "tie_embeddings": (False, True), "qk_norm": (False, True)}
 
 
 def normal(std):
@@ -110,14 +153,34 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig):
-        self.scale = param(jnp.ones((cfg.d_model,), jnp.float32), "norm_D")
+    def __init__(self, cfg: ModelConfig, dim: int | None = None, sharding: str = "norm_D"):
+        self.scale = param(jnp.ones((dim or cfg.d_model,), jnp.float32), sharding)
         self.eps = cfg.norm_eps
 
-    def __call__(self, x):  # [B, T, D]
+    def __call__(self, x):  # [..., D]
         x32 = x.astype(jnp.float32)  # SPEC §1: computed in float32, cast back
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * self.scale[...]).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / sqrt(var + eps) * scale + bias, in float32 (Ba et al. 2016; GPT-2's norm)."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.scale = param(jnp.ones((cfg.d_model,), jnp.float32), "norm_D")
+        self.bias = param(jnp.zeros((cfg.d_model,), jnp.float32), "norm_D")
+        self.eps = cfg.norm_eps
+
+    def __call__(self, x):  # [B, T, D]
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def Norm(cfg: ModelConfig):
+    return LayerNorm(cfg) if cfg.norm_type == "layernorm" else RMSNorm(cfg)
 
 
 def rope_tables(positions, head_dim: int, theta: float):
@@ -143,6 +206,9 @@ class Attention(nnx.Module):
         self.k = Linear(D, K * E, "kv_DX", cfg, rngs)
         self.v = Linear(D, K * E, "kv_DX", cfg, rngs)
         self.o = Linear(H * E, D, "o_XD", cfg, rngs, std=out_std)
+        if cfg.qk_norm:  # Dehghani et al. 2023 (ViT-22B), OLMo 2, Qwen3: bounds the attention logits
+            self.q_norm = RMSNorm(cfg, E, "norm_E")
+            self.k_norm = RMSNorm(cfg, E, "norm_E")
         self.cfg = cfg
 
     def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
@@ -154,7 +220,10 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)  # [B, T, H, E]
         k = self.k(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
         v = self.v(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
-        q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.pos_encoding == "rope":
+            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
         impl = None if cfg.attention == "auto" else cfg.attention
         if cache is None:
             # GQA is native here: query head h reads kv head h // (H / K). Picks cuDNN flash attention on GPUs.
@@ -184,17 +253,43 @@ class SwiGLU(nnx.Module):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
-class Block(nnx.Module):
+class GeluMLP(nnx.Module):
+    """down(gelu(up x)), the GPT-2 / original Transformer MLP (tanh-approximate GELU, as GPT-2)."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attention_norm = RMSNorm(cfg)
+        D, F = cfg.d_model, cfg.d_hidden
+        self.up = Linear(D, F, "mlp_in_DF", cfg, rngs)
+        self.down = Linear(F, D, "mlp_out_FD", cfg, rngs, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def __call__(self, x):  # [B, T, D]
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class Block(nnx.Module):
+    """Pre-norm (default): h = x + Attn(Norm(x)), out = h + MLP(Norm(h)).
+    Post-norm (Vaswani et al. 2017): h = Norm(x + Attn(x)), out = Norm(h + MLP(h)).
+    The SwiGLU MLP and its norm are `swiglu` / `swiglu_norm` (the pico names, which checkpoints, export and ReLoRA
+    know); the GELU MLP and its norm are `mlp` / `mlp_norm`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.post = cfg.norm_placement == "post"
+        self.attention_norm = Norm(cfg)
         self.attention = Attention(cfg, rngs)
-        self.swiglu_norm = RMSNorm(cfg)
-        self.swiglu = SwiGLU(cfg, rngs)
+        self.gelu = cfg.mlp == "gelu"
+        if self.gelu:
+            self.mlp_norm, self.mlp = Norm(cfg), GeluMLP(cfg, rngs)
+        else:
+            self.swiglu_norm, self.swiglu = Norm(cfg), SwiGLU(cfg, rngs)
 
     def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
+        mlp, mlp_norm = (self.mlp, self.mlp_norm) if self.gelu else (self.swiglu, self.swiglu_norm)
+        if self.post:
+            a, cache = self.attention(x, sin, cos, cache, pos, start)
+            h = self.attention_norm(x + a)
+            return mlp_norm(h + mlp(h)), cache
         a, cache = self.attention(self.attention_norm(x), sin, cos, cache, pos, start)
         h = x + a
-        return h + self.swiglu(self.swiglu_norm(h)), cache
+        return h + mlp(mlp_norm(h)), cache
 
 
 class Decoder(nnx.Module):
@@ -202,30 +297,46 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         self.embed = param(normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
                            "embed_VD")
+        if cfg.pos_encoding == "absolute":  # learned, GPT-2 style
+            self.pos_embed = param(normal(cfg.init_std)(rngs.params(), (cfg.seq_len, cfg.d_model), jnp.float32),
+                                   "pos_TD")
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
-        self.norm = RMSNorm(cfg)
-        self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
+        if cfg.norm_placement == "pre":
+            # post-norm has none: every block already ends in a norm, so a final one would only add a second,
+            # redundant scale (the original Transformer has none either)
+            self.norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
 
     def __call__(self, tokens, cache=None, pos=0, start=None):
         """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
         positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
-        up to start[b]: the padding is masked out and the RoPE positions of the row count from there."""
+        up to start[b]: the padding is masked out and the positions of the row count from there."""
         B, T = tokens.shape
-        x = self.embed[...].astype(self.cfg.dtype)[tokens]  # [B, T, D]
+        c = self.cfg
+        x = self.embed[...].astype(c.dtype)[tokens]  # [B, T, D]
         positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
         if start is not None:
             positions = positions - start[:, None]
-        sin, cos = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        if c.pos_encoding == "absolute":  # pads (negative positions) read row 0; attention masks them anyway
+            x = x + self.pos_embed[...].astype(c.dtype)[jnp.clip(positions, 0, c.seq_len - 1)]
+        sin, cos = rope_tables(positions, c.head_dim, c.rope_theta)  # unused unless pos_encoding=rope
         new_cache = []
         for i, block in enumerate(self.blocks):
-            if cache is None and self.cfg.remat:
+            if cache is None and c.remat:
                 # graph_updates=False: a block changes no state, and write-backs would fail on variables that are
                 # not differentiated (ReLoRA's frozen W) since they come from outside the gradient's trace
                 x, _ = nnx.remat(lambda blk, x: blk(x, sin, cos), graph_updates=False)(block, x)
             else:
-                x, c = block(x, sin, cos, None if cache is None else cache[i], pos, start)
-                new_cache.append(c)
-        logits = self.head(self.norm(x)).astype(jnp.float32)  # [B, T, V]
+                x, cache_i = block(x, sin, cos, None if cache is None else cache[i], pos, start)
+                new_cache.append(cache_i)
+        if c.norm_placement == "pre":
+            x = self.norm(x)
+        if c.tie_embeddings:
+            logits = x @ self.embed[...].astype(c.dtype).T
+        else:
+            logits = self.head(x)
+        logits = logits.astype(jnp.float32)  # [B, T, V]
         return logits if cache is None else (logits, new_cache)
 
     def init_cache(self, batch: int, length: int, dtype=None):

@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from model import ConfigError, Decoder, Linear, param
 
 # target_modules names: the attribute names in model.py. A block name takes all of its projections.
-BLOCKS = {"attention": ("q", "k", "v", "o"), "swiglu": ("gate", "up", "down")}
+BLOCKS = {"attention": ("q", "k", "v", "o"), "swiglu": ("gate", "up", "down"), "mlp": ("up", "down")}  # mlp: GELU
 TARGETS = set(BLOCKS) | {name for names in BLOCKS.values() for name in names}
 RESETS = ("random", "magnitude", "full")
 _A_STREAM, _DROPOUT_STREAM, _PRUNE_STREAM = 0, 1, 2  # independent random streams off the run's seed

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 import data
 import relora
 from checkpoint import Checkpoints, HubUploader, abstract_like, dynamics_step, save_dynamics
+from families import LSTM, KGramConfig, KGramMLP, LSTMConfig
 from generate import distinct, generate_ids
 from model import BATCH_AXES, ConfigError, Decoder, ModelConfig, count_params
 
@@ -68,9 +69,27 @@ def make_mesh(data_size: int, fsdp_size: int) -> jax.sharding.Mesh:
     return jax.make_mesh((data_size, fsdp_size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 
 
-def check_layout(mcfg: ModelConfig, mesh, batch_size: int, grad_accum: int, eval_batch: int):
+# ---------------------------------------------------------------------------------------------- model families
+
+# model.kind -> (its frozen config, its module); every module has the Decoder's interface (families.py)
+FAMILIES = {"decoder": (ModelConfig, Decoder), "lstm": (LSTMConfig, LSTM), "kgram_mlp": (KGramConfig, KGramMLP)}
+
+
+def model_config(block) -> ModelConfig | LSTMConfig | KGramConfig:
+    """The frozen config of the `model:` block's family (model.kind; absent in older checkpoints: decoder)."""
+    kind = block.get("kind") or "decoder"
+    if kind not in FAMILIES:
+        raise ConfigError(f"model.kind={kind!r}; use one of {list(FAMILIES)}")
+    return FAMILIES[kind][0].from_dict(block)
+
+
+def build_model(mcfg, rngs: nnx.Rngs) -> nnx.Module:
+    return next(module for cfg_type, module in FAMILIES.values() if type(mcfg) is cfg_type)(mcfg, rngs)
+
+
+def check_layout(mcfg, mesh, batch_size: int, grad_accum: int, eval_batch: int):
     fsdp, dp = mesh.shape["fsdp"], mesh.size
-    if mcfg.d_model % fsdp:
+    if isinstance(mcfg, ModelConfig) and mcfg.d_model % fsdp:  # the other families are replicated
         raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={fsdp}: FSDP shards every "
                           f"weight along d_model; pick a mesh.fsdp that divides it")
     if batch_size % grad_accum or (batch_size // grad_accum) % dp:
@@ -91,11 +110,18 @@ PEAK_TFLOPS = {
 }
 
 
-def flops_per_token(c: ModelConfig) -> float:
-    """Training FLOPs per token: 6 x matmul params (forward 2, backward 4; the embedding lookup is no matmul)
-    plus attention scores and values, 6 x L x T x D, i.e. 12 L T D halved because the mask is causal."""
+def flops_per_token(c: ModelConfig | LSTMConfig | KGramConfig) -> float:
+    """Training FLOPs per token: 6 x matmul params (forward 2, backward 4; embedding lookups, one-hot inputs
+    included, are no matmul; a tied head is one), plus, for the decoder, attention scores and values,
+    6 x L x T x D, i.e. 12 L T D halved because the mask is causal. Norms, gates and activations are left out."""
+    if isinstance(c, LSTMConfig):
+        M, C = c.d_embed, c.d_hidden
+        return 6 * (4 * C * (M + C) + (c.n_layers - 1) * 4 * C * 2 * C + C * c.vocab_size)
+    if isinstance(c, KGramConfig):
+        first = c.k * c.d_embed * c.d_hidden if c.embedding == "learned" else 0
+        return 6 * (first + c.n_inner * c.d_hidden ** 2 + c.d_hidden * c.vocab_size)
     attn = c.d_model * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-    mlp = 3 * c.d_model * c.d_hidden
+    mlp = (3 if c.mlp == "swiglu" else 2) * c.d_model * c.d_hidden
     matmul_params = c.n_layers * (attn + mlp) + c.d_model * c.vocab_size
     return 6 * matmul_params + 6 * c.n_layers * c.seq_len * c.d_model
 
@@ -150,11 +176,11 @@ def make_tx(o, schedule):
         optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def init_state(mcfg: ModelConfig, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None):
+def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None):
     """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. With `lora`, the
     model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only."""
     def build():
-        model = Decoder(mcfg, nnx.Rngs(seed))
+        model = build_model(mcfg, nnx.Rngs(seed))
         if lora is not None:
             relora.wrap(model, lora)
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -172,7 +198,13 @@ def cross_entropy(logits, labels):
 
 
 def loss_fn(model, tokens):  # tokens [B, T + 1]
-    return cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    """Mean next-token cross-entropy, plus model.z_loss x mean(logsumexp(logits)^2) (PaLM, Chowdhery et al.
+    2022: keeps the softmax normalizer near 1, so logits do not drift; the weight is static, 0 adds nothing)."""
+    logits = model(tokens[:, :-1])
+    loss = cross_entropy(logits, tokens[:, 1:])
+    if model.cfg.z_loss:
+        loss = loss + model.cfg.z_loss * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    return loss
 
 
 def train_step(graphdef, state, tokens, grad_accum: int = 1, skip_nonfinite: bool = False):
@@ -213,7 +245,26 @@ def eval_step(graphdef, state, tokens):
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
-BLOCK_LAYERS = ("attention.q", "attention.k", "attention.v", "attention.o", "swiglu.gate", "swiglu.up", "swiglu.down")
+GREEDY_PROMPT = 8  # tokens of each validation prompt for the greedy distinct-n
+
+BLOCK_LAYERS = ("attention.q", "attention.k", "attention.v", "attention.o", "swiglu.gate", "swiglu.up", "swiglu.down",
+                "mlp.up", "mlp.down")  # mlp.*: the GELU MLP (model.mlp=gelu)
+
+
+def dynamics_layers(mcfg, layers) -> tuple[tuple[str, ...], str | None]:
+    """The checkpoint.dynamics.layers this model has, and a note on those it lacks. A name no block ever has is
+    an error (a typo); one another decoder config has (swiglu.* with mlp=gelu, every name for the LSTM and k-gram
+    families, which have no attention blocks) is skipped with the note."""
+    for layer in layers:
+        if layer not in BLOCK_LAYERS:
+            raise ConfigError(f"checkpoint.dynamics.layers: {layer!r} is not a layer of a block; choose from {BLOCK_LAYERS}")
+    if not isinstance(mcfg, ModelConfig):
+        kind = next(k for k, (t, _) in FAMILIES.items() if type(mcfg) is t)
+        return (), f"learning dynamics: off for model.kind={kind} (snapshots are of decoder blocks)" if layers else None
+    mlp = "swiglu." if mcfg.mlp == "swiglu" else "mlp."
+    have = tuple(x for x in layers if x.startswith(("attention.", mlp)))
+    missing = [x for x in layers if x not in have]
+    return have, f"learning dynamics: skipping {missing} (no such layer with model.mlp={mcfg.mlp})" if missing else None
 
 
 class TrainingError(RuntimeError):
@@ -273,7 +324,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, build_data: bool = True, resume: bool = True):
         check_keys(cfg)
         self.cfg = cfg
-        self.mcfg = ModelConfig.from_dict(cfg.model)
+        self.mcfg = model_config(cfg.model)
         self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
         self.run_dir = Path(cfg.run_dir)
         self.is_main = jax.process_index() == 0
@@ -288,16 +339,20 @@ class Trainer:
             self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
                                              self.data_dir / "train.bin")
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        self.relora = relora.ReLoRAConfig.from_dict(cfg.model.relora, cfg.seed)  # None: full-rank training
+        self.relora = relora.ReLoRAConfig.from_dict(cfg.model.get("relora"), cfg.seed)  # None: full-rank training
+        if self.relora and not isinstance(self.mcfg, ModelConfig):
+            raise ConfigError(f"model.relora is set but model.kind={cfg.model.kind}: ReLoRA wraps the decoder's "
+                              f"attention and MLP projections; set model.relora=null or model.kind=decoder")
+        if self.relora and getattr(self.mcfg, "mlp", None) == "gelu" and {"swiglu", "gate"} & set(self.relora.target_modules):
+            raise ConfigError(f"model.relora.target_modules={list(self.relora.target_modules)} names SwiGLU layers but "
+                              f"model.mlp=gelu; target `mlp` (the GELU MLP's up and down projections) instead")
         self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
         if self.relora:
             self.schedule = relora.jagged_schedule(self.schedule, self.relora)
         wrap_now = self.relora if self.relora and not self.relora.warm_start_steps else None
         self.graphdef, self.state = init_state(self.mcfg, make_tx(cfg.opt, self.schedule), self.mesh, cfg.seed, wrap_now)
-        self.dynamics_layers = tuple(cfg.checkpoint.dynamics.layers) if build_data else ()
-        for layer in self.dynamics_layers:
-            if layer not in BLOCK_LAYERS:
-                raise ConfigError(f"checkpoint.dynamics.layers: {layer!r} is not a layer of a block; choose from {BLOCK_LAYERS}")
+        layers = tuple(cfg.checkpoint.dynamics.layers) if build_data else ()
+        self.dynamics_layers, self.dynamics_note = dynamics_layers(self.mcfg, layers)
         self.jit_steps()
         self.flops_per_token = flops_per_token(self.mcfg)
         self.start_step = self.saved_step = 0
@@ -354,7 +409,7 @@ class Trainer:
             self.log(dict(relora_reset=k, optimizer_zeroed=float(zeroed)), done, bar)
 
     @property
-    def model(self) -> Decoder:
+    def model(self) -> Decoder | LSTM | KGramMLP:
         return nnx.merge(self.graphdef, self.state)[0]
 
     def evaluate(self) -> dict:
@@ -384,15 +439,23 @@ class Trainer:
         return tok.decode(ids) if tok else " ".join(map(str, ids))
 
     def diversity(self) -> dict:
-        """distinct-1..5 over the token ids of sample.n_samples continuations of sample.prompt (0 samples: {})."""
+        """distinct-1..5 over token ids (0 samples: {}): `distinct_n` of sample.n_samples sampled continuations of
+        sample.prompt (sample.temperature, top_k, top_p), and `greedy_distinct_n` of greedy continuations of
+        sample.n_samples different prompts, the first GREEDY_PROMPT tokens of evenly spaced validation sequences
+        (greedy decoding of one prompt n times would give n copies of one text)."""
         s = self.cfg.sample
         if not (s.n_samples and s.max_new_tokens):
             return {}
         ids, _ = self.prompt_ids()
+        T = self.mcfg.seq_len
+        n_seqs = len(self.valid_tokens) // T
+        starts = [(i * n_seqs // s.n_samples) * T for i in range(s.n_samples)]
+        prompts = [self.valid_tokens[i:i + GREEDY_PROMPT].astype(np.int64).tolist() for i in starts]
+        key = jax.random.key(self.cfg.seed)
         with jax.set_mesh(self.mesh):
-            new = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, jax.random.key(self.cfg.seed),
-                               s.temperature, s.top_k, s.top_p)
-        return distinct(new)
+            sampled = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, key, s.temperature, s.top_k, s.top_p)
+            greedy = generate_ids(self.model, prompts, s.max_new_tokens, key, 0.0)
+        return dict(**distinct(sampled), **{f"greedy_{k}": v for k, v in distinct(greedy).items()})
 
     def log(self, metrics: dict, step: int, bar=None):
         if not self.is_main:
@@ -417,7 +480,7 @@ class Trainer:
         self.check_finite(step)
         if self.ckpt is None or step == self.saved_step and self.ckpt.latest_step() == step:
             return
-        loop = dict(step=step, seed=self.cfg.seed, tokens_seen=step * self.cfg.data.batch_size * self.mcfg.seq_len,
+        loop = dict(step=step, seed=self.cfg.seed, tokens_seen=self.tokens_seen(step),
                     eval=self.last_eval)  # the latest evaluation (val_loss, val_ppl and its step), if any
         self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
         self.saved_step = step
@@ -438,11 +501,21 @@ class Trainer:
         m, n, dt = self.meter.read()
         tps = n * self.cfg.data.batch_size * self.mcfg.seq_len / dt
         m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)), tokens_per_s=tps,
-                 mfu=tps * self.flops_per_token / self.peak_flops)
+                 mfu=tps * self.flops_per_token / self.peak_flops, tokens=self.tokens_seen(step))
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
         self.log(m, step, bar)
         self.history.append(dict(step=step, **m))
         self.check_finite(step)
+
+    def tokens_seen(self, step: int) -> int:
+        return step * self.cfg.data.batch_size * self.mcfg.seq_len
+
+    def record_eval(self, step: int, ev: dict):
+        """Put an evaluation into the history (into the entry of its step when that step was logged), with the
+        tokens seen, so that validation loss can be plotted against tokens."""
+        if not (self.history and self.history[-1]["step"] == step):
+            self.history.append(dict(step=step, tokens=self.tokens_seen(step)))
+        self.history[-1].update({k: v for k, v in ev.items() if k != "step"})
 
     def start(self):
         """Run directory, banner, W&B; the metrics history of earlier runs of this run_dir up to the resume step."""
@@ -453,13 +526,15 @@ class Trainer:
         metrics = self.run_dir / "metrics.json"
         if self.start_step and metrics.exists():
             self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= self.start_step]
+        n_params = self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         if not self.is_main:
             return
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         print(f"model: {n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
               f"({len(self.train_tokens):,} train tokens) | peak {self.peak_flops / 1e12:.3g} TFLOP/s ({self.peak_source})")
+        if self.dynamics_note:
+            print(self.dynamics_note)
         if self.relora:
             print("relora: " + " ".join(f"{k}={v:,}" for k, v in relora.sizes(self.graphdef, self.state).items()))
         if cfg.wandb.mode != "disabled":
@@ -493,6 +568,7 @@ class Trainer:
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != steps:
                     self.last_eval = dict(step=done, **self.evaluate())  # stored with the next checkpoint
                     self.log(self.last_eval, done, bar)
+                    self.record_eval(done, self.last_eval)
                 stopping = stop.agreed(sync=is_log)  # every process stops at the same step
                 if stopping or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 and done != steps):
                     self.save(done)
@@ -503,9 +579,10 @@ class Trainer:
             return self.finish(dict(step=self.saved_step, interrupted=stop.requested or "stop (another process)"))
         final = dict(step=steps, train_loss=self.history[-1]["loss"], **self.evaluate())
         self.last_eval = dict(step=steps, val_loss=final["val_loss"], val_ppl=final["val_ppl"])
+        self.record_eval(steps, self.last_eval)
         self.save(steps)  # after the final evaluation, which it stores
         final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], self.mcfg.vocab_size)
-        final.update(self.diversity())
+        final.update(self.diversity(), params=self.n_params, tokens=self.tokens_seen(steps))
         self.log(final, steps)
         sample = self.sample() if cfg.sample.max_new_tokens else None
         if self.is_main:

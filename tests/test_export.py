@@ -59,6 +59,15 @@ def test_export_matches_transformers_logits(llama, tmp_path):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
 
 
+def test_tied_embeddings_export_as_tie_word_embeddings(llama, tmp_path):
+    import dataclasses
+    model = perturbed(Decoder(dataclasses.replace(GQA, tie_embeddings=True), nnx.Rngs(0)))
+    export.export_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["tie_word_embeddings"] is True
+    hf = llama.from_pretrained(tmp_path, local_files_only=True)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), hf_logits(hf, TOKENS), rtol=0, atol=1e-4)
+
+
 def test_import_of_a_transformers_llama_matches_its_logits(llama, tmp_path):
     import torch
     from transformers import LlamaConfig

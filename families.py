@@ -1,0 +1,211 @@
+"""The other model families of the picoLM comparison study: an LSTM and a k-gram MLP language model, in Flax NNX.
+
+    LSTM (Hochreiter & Schmidhuber 1997), per layer l and time t:
+        i, f, g, o = split(x_t W_in + h_{t-1} W_rec + b)          gates [B, G], G = 4 C
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g),   h_t = sigmoid(o) * tanh(c_t)
+        logits_t = h_t^(L) W_head
+    k-gram MLP (Bengio et al. 2003), a window of the last N = k tokens (slots before the sequence start are
+    "no token", a zero vector):
+        x_t = concat(e(tok_{t-N+1}), ..., e(tok_t))                e = learned embedding [V, M], or one-hot
+        h = silu(x_t W_in + b_in), then n_inner times h = silu(h W + b),   logits_t = h W_head
+
+A module of its own, apart from model.py, because model.py is the pico-decoder that checkpoints, export, ReLoRA
+and the learning-dynamics snapshots are built around; these are comparison baselines that share only its
+interface: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32 (and the new cache when a
+cache is given), `init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step,
+`model.generate`, `generate.generate_ids`, `Trainer.sample` and `distinct` use them unchanged. The LSTM's cache is
+its (h, c) per layer, left as it is over left-padded positions before `start`; the k-gram model's cache is the
+window of its last N - 1 tokens (-1 = no token). Parameters are replicated: both are data-parallel only (model.py's
+SHARDING table). Dimensions: model.py's legend (M embedding, C hidden, G = 4 C gates, N = k).
+
+Initialization is PyTorch-like, not model.init_std: embeddings N(0, 1), kernels N(0, 1 / fan_in). Neither family
+has a norm to rescale its activations, so with the decoder's std 0.02 the LSTM's state and the MLP's hidden units
+start near zero and the first hundreds of steps are lost (measured on the built-in corpus).
+"""
+import math
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import ConfigError, normal, param
+
+SHARED = ("vocab_size", "seq_len", "dtype", "z_loss")  # keys of the `model:` block every family reads
+
+
+def _from_block(cls, d, sub: str):
+    """A family config from the `model:` block: the shared keys plus the `model.<sub>` sub-block (unknown keys
+    in the sub-block are rejected; the decoder's own keys are ignored)."""
+    d = dict(d)
+    block = dict(d.get(sub) or {})
+    known = {f.name for f in dataclasses.fields(cls)} - set(SHARED)
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[f'model.{sub}.{k}' for k in unknown]}; known model.{sub} keys: "
+                          f"{sorted(known)}")
+    cfg = cls(**{k: d[k] for k in SHARED if k in d}, **block)
+    cfg.validate()
+    return cfg
+
+
+def _check_positive(cfg, sub: str, keys):
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{sub}.{key}={getattr(cfg, key)}; it must be at least 1")
+    jnp.dtype(cfg.dtype)
+
+
+@dataclass(frozen=True)
+class LSTMConfig:
+    vocab_size: int = 50304
+    seq_len: int = 2048
+    d_embed: int = 288      # M
+    d_hidden: int = 288     # C
+    n_layers: int = 2
+    dtype: str = "bfloat16"
+    z_loss: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d) -> "LSTMConfig":
+        return _from_block(cls, d, "lstm")
+
+    def validate(self):
+        _check_positive(self, "lstm", ("d_embed", "d_hidden", "n_layers"))
+
+
+@dataclass(frozen=True)
+class KGramConfig:
+    vocab_size: int = 50304
+    seq_len: int = 2048
+    k: int = 3                  # N: context tokens, the current one included
+    embedding: str = "learned"  # learned (an embedding [V, M]) | onehot (the first layer reads N one-hot vectors)
+    d_embed: int = 288          # M (learned only)
+    d_hidden: int = 288         # C
+    n_inner: int = 1            # hidden C x C layers after the first
+    dtype: str = "bfloat16"
+    z_loss: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d) -> "KGramConfig":
+        return _from_block(cls, d, "kgram")
+
+    def validate(self):
+        _check_positive(self, "kgram", ("k", "d_embed", "d_hidden"))
+        if self.n_inner < 0:
+            raise ConfigError(f"model.kgram.n_inner={self.n_inner}; use 0 or more")
+        if self.embedding not in ("learned", "onehot"):
+            raise ConfigError(f"model.kgram.embedding={self.embedding!r}; use one of ['learned', 'onehot']")
+
+
+def _kernel(rngs, shape, sharding, fan_in: int):
+    """N(0, 1 / fan_in): unit-variance outputs for unit-variance inputs (fan_in 1: an embedding, N(0, 1))."""
+    return param(normal(1 / math.sqrt(fan_in))(rngs.params(), shape, jnp.float32), sharding)
+
+
+def _zeros(shape, sharding):
+    return param(jnp.zeros(shape, jnp.float32), sharding)
+
+
+class LSTMLayer(nnx.Module):
+    def __init__(self, d_in: int, cfg: LSTMConfig, rngs: nnx.Rngs, in_sharding: str):
+        C = cfg.d_hidden
+        self.w_in = _kernel(rngs, (d_in, 4 * C), in_sharding, d_in)   # [M or C, G]
+        self.w_rec = _kernel(rngs, (C, 4 * C), "lstm_rec_CG", C)      # [C, G]
+        # forget-gate bias 1 (Jozefowicz et al. 2015): remember by default at the start of training
+        self.bias = param(jnp.zeros((4 * C,), jnp.float32).at[C:2 * C].set(1.0), "lstm_bias_G")
+        self.dtype = jnp.dtype(cfg.dtype)
+
+    def __call__(self, x, state, valid):
+        """x [B, T, M or C], state (h, c) each [B, C] float32, valid [B, T] bool (False: keep the state as it
+        is, a left-padded position). Returns the outputs [B, T, C] and the last state."""
+        gates_x = x.astype(self.dtype) @ self.w_in[...].astype(self.dtype)  # [B, T, G], all steps in one matmul
+        w_rec, bias = self.w_rec[...].astype(self.dtype), self.bias[...]
+
+        def step(state, inp):
+            gx, ok = inp  # [B, G], [B]
+            h, c = state
+            gates = (gx + h.astype(self.dtype) @ w_rec).astype(jnp.float32) + bias
+            i, f, g, o = jnp.split(gates, 4, axis=-1)
+            c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+            h, c = jnp.where(ok[:, None], h_new, h), jnp.where(ok[:, None], c_new, c)
+            return (h, c), h
+
+        state, hs = jax.lax.scan(step, state, (gates_x.swapaxes(0, 1), valid.swapaxes(0, 1)))
+        return hs.swapaxes(0, 1).astype(self.dtype), state
+
+
+class LSTM(nnx.Module):
+    def __init__(self, cfg: LSTMConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _kernel(rngs, (cfg.vocab_size, cfg.d_embed), "lstm_embed_VM", 1)
+        self.layers = nnx.List([LSTMLayer(cfg.d_embed if i == 0 else cfg.d_hidden, cfg, rngs,
+                                          "lstm_in_MG" if i == 0 else "lstm_in_CG") for i in range(cfg.n_layers)])
+        self.head = _kernel(rngs, (cfg.d_hidden, cfg.vocab_size), "lstm_head_CV", cfg.d_hidden)
+
+    def __call__(self, tokens, cache=None, pos=0, start=None):
+        """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the state after position pos - 1) also the
+        state after the last token. Positions before start [B] leave the state unchanged."""
+        B, T = tokens.shape
+        dtype = jnp.dtype(self.cfg.dtype)
+        x = self.embed[...].astype(dtype)[tokens]  # [B, T, M]
+        valid = jnp.ones((B, T), bool) if start is None else (pos + jnp.arange(T))[None, :] >= start[:, None]
+        states = self.init_cache(B, 0) if cache is None else cache
+        new = []
+        for layer, state in zip(self.layers, states):
+            x, state = layer(x, state, valid)
+            new.append(state)
+        logits = (x @ self.head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new)
+
+    def init_cache(self, batch: int, length: int = 0, dtype=None):
+        """The zero state, (h, c) per layer, each [B, C] float32 (the state is carried in float32 whatever the
+        compute dtype; `length` and `dtype` are there for the decoder's interface)."""
+        zeros = jnp.zeros((batch, self.cfg.d_hidden), jnp.float32)
+        return [(zeros, zeros) for _ in range(self.cfg.n_layers)]
+
+
+class KGramMLP(nnx.Module):
+    def __init__(self, cfg: KGramConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        N, M, C, V = cfg.k, cfg.d_embed, cfg.d_hidden, cfg.vocab_size
+        if cfg.embedding == "learned":
+            self.embed = _kernel(rngs, (V, M), "kgram_embed_VM", 1)
+            self.w_in = _kernel(rngs, (N * M, C), "kgram_in_XC", N * M)
+        else:  # one-hot: x_t W_in with x_t = concat of N one-hot vectors is a sum of N rows of W_in [N, V, C]
+            self.w_in = _kernel(rngs, (N, V, C), "kgram_onehot_NVC", N)  # N ones in the input
+        self.b_in = _zeros((C,), "kgram_bias_C")
+        self.hidden = nnx.List([_kernel(rngs, (C, C), "kgram_hidden_CC", C) for _ in range(cfg.n_inner)])
+        self.hidden_bias = nnx.List([_zeros((C,), "kgram_bias_C") for _ in range(cfg.n_inner)])
+        self.head = _kernel(rngs, (C, V), "kgram_head_CV", C)
+
+    def __call__(self, tokens, cache=None, pos=0, start=None):
+        """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the N - 1 tokens before position pos, -1 =
+        none) also the window after the last token. Tokens before start [B] count as no token."""
+        c = self.cfg
+        B, T = tokens.shape
+        dtype = jnp.dtype(c.dtype)
+        before = self.init_cache(B) if cache is None else cache  # [B, N - 1]
+        if start is not None:
+            tokens = jnp.where((pos + jnp.arange(T))[None, :] >= start[:, None], tokens, -1)
+        ext = jnp.concatenate([before, tokens.astype(jnp.int32)], axis=1)  # [B, N - 1 + T]
+        windows = jnp.stack([ext[:, j:j + T] for j in range(c.k)], axis=2)  # [B, T, N], oldest first
+        present = (windows >= 0)[..., None]  # [B, T, N, 1]
+        ids = jnp.maximum(windows, 0)
+        if c.embedding == "learned":
+            e = jnp.where(present, self.embed[...].astype(dtype)[ids], 0)  # [B, T, N, M]
+            h = e.reshape(B, T, -1) @ self.w_in[...].astype(dtype)  # [B, T, C]
+        else:
+            rows = self.w_in[...].astype(dtype)[jnp.arange(c.k), ids]  # [B, T, N, C]
+            h = jnp.where(present, rows, 0).sum(axis=2)
+        h = jax.nn.silu(h + self.b_in[...].astype(dtype))
+        for w, b in zip(self.hidden, self.hidden_bias):
+            h = jax.nn.silu(h @ w[...].astype(dtype) + b[...].astype(dtype))
+        logits = (h @ self.head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, ext[:, ext.shape[1] - (c.k - 1):])
+
+    def init_cache(self, batch: int, length: int = 0, dtype=None):
+        """An empty window: N - 1 slots of no token (-1), [B, N - 1] int32."""
+        return jnp.full((batch, self.cfg.k - 1), -1, jnp.int32)
