@@ -68,7 +68,7 @@ class Checkpoints:
             saved = {k: v for k, v in self.config(step)["model"].items() if k != "relora"}
             now = {k: v for k, v in dict(model_config).items() if k != "relora"}
             diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                    and k in ModelConfig.__dataclass_fields__ and k not in ("dtype", "attention", "remat")}
+                    and k in ModelConfig.__dataclass_fields__ and k not in ("dtype", "attention", "remat", "scan_layers", "loss_chunk")}
             if diff:
                 desc = ", ".join(f"model.{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(diff.items()))
                 raise CheckpointError(f"the checkpoint in {self.dir / str(step)} was made by a different model ({desc}); "
