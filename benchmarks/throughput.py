@@ -75,7 +75,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--sweep-sizes", help="comma-separated pico sizes (configs/size/), one subprocess each")
     p.add_argument("--sweep-devices", help="comma-separated device counts, one subprocess each (FSDP over N)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
 
 def compose(a):
