@@ -26,8 +26,9 @@ def test_flops_per_token_matches_a_hand_count():
     assert train.flops_per_token(c) == 6 * matmul_params + attention == 6 * 68864 + 36864
 
 
-def test_throughput_script_prints_the_documented_json(capsys):
-    throughput.main([*TINY, "--steps", "2", "--warmup", "0"])
+@pytest.mark.parametrize("flags", [[], ["--relora"]])
+def test_throughput_script_prints_the_documented_json(capsys, flags):
+    throughput.main([*TINY, "--steps", "2", "--warmup", "0", *flags])
     lines = capsys.readouterr().out.strip().splitlines()
     r = json.loads(lines[-1])
     assert set(throughput.KEYS) <= set(r), set(throughput.KEYS) - set(r)
@@ -39,6 +40,10 @@ def test_throughput_script_prints_the_documented_json(capsys):
     assert r["peak_source"] == "measured CPU matmul" and r["peak_flops_per_s"] > 1e9
     assert r["n_devices"] == 8 and np.isfinite(r["loss"]) and r["compile_s"] > 0
     assert any(line.startswith("MFU") for line in lines)
+    full = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128 + 2 * 32) + 2 * 256 * 32 + 32  # Decoder params
+    # ReLoRA (configs/relora.yaml: rank 32 on every projection): the kernels frozen, A [R, in] and B [out, R] trained
+    kernels, lora = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128, 32 * (64 + 48 + 48 + 64 + 3 * 160)
+    assert r["params"] == (full if not flags else full + 2 * (lora - kernels))
 
 
 def test_training_log_mfu_is_the_benchmark_formula(tiny_cfg, monkeypatch):
