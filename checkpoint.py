@@ -72,7 +72,7 @@ class Checkpoints:
             # defaults), less what does not change the parameters
             saved, now = (model_fields(m) for m in (self.config(step)["model"], model_config))
             diff = {k: (saved.get(k), now.get(k)) for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                    and k not in ("dtype", "attention", "remat")}
+                    and k not in ("dtype", "attention", "remat", "scan_layers", "loss_chunk")}
             if diff:
                 desc = ", ".join(f"model.{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(diff.items()))
                 raise CheckpointError(f"the checkpoint in {self.dir / str(step)} was made by a different model ({desc}); "

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import ConfigError, normal, param
+from model import ConfigError, dense, normal, param
 
-SHARED = ("vocab_size", "seq_len", "dtype", "z_loss")  # keys of the `model:` block every family reads
+SHARED = ("vocab_size", "seq_len", "dtype", "z_loss", "loss_chunk")  # keys of the `model:` block every family reads
 
 
 def _from_block(cls, d, sub: str):
@@ -54,6 +54,9 @@ def _check_positive(cfg, sub: str, keys):
     for key in keys:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{sub}.{key}={getattr(cfg, key)}; it must be at least 1")
+    for key in ("z_loss", "loss_chunk"):  # the shared keys, as ModelConfig.validate checks them
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"model.{key}={getattr(cfg, key)}; use 0 (off) or more")
     jnp.dtype(cfg.dtype)
 
 
@@ -66,6 +69,7 @@ class LSTMConfig:
     n_layers: int = 2
     dtype: str = "bfloat16"
     z_loss: float = 0.0
+    loss_chunk: int = 0
 
     @classmethod
     def from_dict(cls, d) -> "LSTMConfig":
@@ -86,6 +90,7 @@ class KGramConfig:
     n_inner: int = 1            # hidden C x C layers after the first
     dtype: str = "bfloat16"
     z_loss: float = 0.0
+    loss_chunk: int = 0
 
     @classmethod
     def from_dict(cls, d) -> "KGramConfig":
@@ -148,6 +153,15 @@ class LSTM(nnx.Module):
     def __call__(self, tokens, cache=None, pos=0, start=None):
         """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the state after position pos - 1) also the
         state after the last token. Positions before start [B] leave the state unchanged."""
+        h, new = self.features(tokens, cache, pos, start)
+        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new)
+
+    def head_kernel(self):  # [C, V]
+        return self.head[...]
+
+    def features(self, tokens, cache=None, pos=0, start=None):
+        """The last layer's outputs [B, T, C], which the head reads, and the new state (None without a cache)."""
         B, T = tokens.shape
         dtype = jnp.dtype(self.cfg.dtype)
         x = self.embed[...].astype(dtype)[tokens]  # [B, T, M]
@@ -157,8 +171,7 @@ class LSTM(nnx.Module):
         for layer, state in zip(self.layers, states):
             x, state = layer(x, state, valid)
             new.append(state)
-        logits = (x @ self.head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new)
+        return x, None if cache is None else new
 
     def init_cache(self, batch: int, length: int = 0, dtype=None):
         """The zero state, (h, c) per layer, each [B, C] float32 (the state is carried in float32 whatever the
@@ -184,6 +197,15 @@ class KGramMLP(nnx.Module):
     def __call__(self, tokens, cache=None, pos=0, start=None):
         """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the N - 1 tokens before position pos, -1 =
         none) also the window after the last token. Tokens before start [B] count as no token."""
+        h, window = self.features(tokens, cache, pos, start)
+        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, window)
+
+    def head_kernel(self):  # [C, V]
+        return self.head[...]
+
+    def features(self, tokens, cache=None, pos=0, start=None):
+        """The last hidden layer [B, T, C], which the head reads, and the new window (None without a cache)."""
         c = self.cfg
         B, T = tokens.shape
         dtype = jnp.dtype(c.dtype)
@@ -203,8 +225,7 @@ class KGramMLP(nnx.Module):
         h = jax.nn.silu(h + self.b_in[...].astype(dtype))
         for w, b in zip(self.hidden, self.hidden_bias):
             h = jax.nn.silu(h @ w[...].astype(dtype) + b[...].astype(dtype))
-        logits = (h @ self.head[...].astype(dtype)).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, ext[:, ext.shape[1] - (c.k - 1):])
+        return h, None if cache is None else ext[:, ext.shape[1] - (c.k - 1):]
 
     def init_cache(self, batch: int, length: int = 0, dtype=None):
         """An empty window: N - 1 slots of no token (-1), [B, N - 1] int32."""

@@ -61,6 +61,13 @@ SHARDING = {
 BATCH_AXES = ("data", "fsdp")
 
 
+NO_REMAT = object()
+# model.remat: what a block keeps for the backward pass. block: nothing (all recomputed, least memory, ~1/3 more
+# FLOPs); dots: the outputs of its weight matmuls (the elementwise ops and attention are recomputed).
+REMAT_POLICIES = {"none": NO_REMAT, "block": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the key and the fix."""
 
@@ -79,7 +86,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype; params stay float32
     attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto | xla | cudnn
-    remat: bool = False  # recompute each block's activations in the backward pass
+    remat: str = "none"  # activation rematerialisation per block: none | block | dots (REMAT_POLICIES)
+    scan_layers: bool = False  # lax.scan over the blocks (compile time independent of depth)
+    loss_chunk: int = 0  # tokens per chunk of the cross-entropy fused with the head (train.fused_cross_entropy); 0 = off
     # research knobs; the defaults are the pico-decoder
     pos_encoding: str = "rope"      # rope | absolute (learned [seq_len, D]) | none
     norm_placement: str = "pre"     # pre | post
@@ -92,6 +101,10 @@ class ModelConfig:
     # `kind` picks the family (train.build_model), `lstm` / `kgram` configure the others, `relora` is read by
     # relora.py: none of them is a decoder field
     NOT_DECODER = ("kind", "lstm", "kgram", "relora")
+
+    def __post_init__(self):
+        if isinstance(self.remat, bool):  # configs and checkpoints from before the policies: false / true
+            object.__setattr__(self, "remat", "block" if self.remat else "none")
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
@@ -123,6 +136,15 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}; use one of {list(allowed)}")
         if self.z_loss < 0:
             raise ConfigError(f"model.z_loss={self.z_loss}; use a weight >= 0 (0 = off, PaLM uses 1e-4)")
+        if self.attention == "cudnn" and (platform() != "gpu" or self.dtype not in ("bfloat16", "float16")):
+            raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU and model.dtype bfloat16 or float16 (cuDNN "
+                              f"flash attention); here: {platform()}, {self.dtype}. Use model.attention=auto (cuDNN "
+                              f"where it can, else XLA) or xla")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}; use one of {list(REMAT_POLICIES)} (true / false mean "
+                              "block / none)")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk={self.loss_chunk}; use 0 (off) or a number of tokens, e.g. 1024")
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
 
@@ -149,7 +171,15 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):  # [..., in] -> [..., out]
-        return x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+def dense(x, w):
+    """x [..., in] @ w [in, out] as one 2-D matmul [N, in] @ [in, out]: with a 3-D x, XLA:CPU forms the weight
+    gradient through a slow transposing copy of the output gradient (the SwiGLU step ran 2x slower;
+    benchmarks/RESULTS.md). Free elsewhere."""
+    y = x.reshape(-1, x.shape[-1]) @ w
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
@@ -224,10 +254,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.pos_encoding == "rope":
             q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-        impl = None if cfg.attention == "auto" else cfg.attention
         if cache is None:
-            # GQA is native here: query head h reads kv head h // (H / K). Picks cuDNN flash attention on GPUs.
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+            out = causal_attention(q, k, v, cfg.attention)
         else:
             k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
@@ -240,6 +268,24 @@ class Attention(nnx.Module):
                                                mask=mask[:, None], implementation="xla")
             cache = (k_cache, v_cache)
         return self.o(out.reshape(B, T, -1)), cache
+
+
+def platform() -> str:
+    return jax.devices()[0].platform
+
+
+def causal_attention(q, k, v, attention: str):
+    """jax.nn.dot_product_attention, causal; GQA is native (query head h reads kv head h // (H / K)).
+    model.attention=auto tries cuDNN flash attention on GPUs for bf16 / fp16 (in jax 0.10 the library's own default,
+    implementation=None, always takes the XLA path) and falls back to XLA when cuDNN refuses the shapes, dtype or
+    version at trace time; cudnn insists (ModelConfig.validate checks the platform), xla never tries."""
+    if attention == "auto" and platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        except Exception:  # unsupported head dim, sequence length, cuDNN version...: the XLA path below
+            pass
+    impl = "cudnn" if attention == "cudnn" else "xla"
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
 
 
 class SwiGLU(nnx.Module):
@@ -312,6 +358,17 @@ class Decoder(nnx.Module):
         """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
         positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
         up to start[b]: the padding is masked out and the positions of the row count from there."""
+        h, new_cache = self.features(tokens, cache, pos, start)
+        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new_cache)
+
+    def head_kernel(self):
+        """The output projection [D, V]: the head's kernel, or the embedding's transpose when tied."""
+        return self.embed[...].T if self.cfg.tie_embeddings else self.head.kernel[...]
+
+    def features(self, tokens, cache=None, pos=0, start=None):
+        """What the head reads, [B, T, D] in the compute dtype (the final norm's output; post-norm: the last block's),
+        and the new cache (None without one). train.loss_fn feeds it to a cross-entropy fused with the head."""
         B, T = tokens.shape
         c = self.cfg
         x = self.embed[...].astype(c.dtype)[tokens]  # [B, T, D]
@@ -321,23 +378,40 @@ class Decoder(nnx.Module):
         if c.pos_encoding == "absolute":  # pads (negative positions) read row 0; attention masks them anyway
             x = x + self.pos_embed[...].astype(c.dtype)[jnp.clip(positions, 0, c.seq_len - 1)]
         sin, cos = rope_tables(positions, c.head_dim, c.rope_theta)  # unused unless pos_encoding=rope
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            if cache is None and c.remat:
-                # graph_updates=False: a block changes no state, and write-backs would fail on variables that are
-                # not differentiated (ReLoRA's frozen W) since they come from outside the gradient's trace
-                x, _ = nnx.remat(lambda blk, x: blk(x, sin, cos), graph_updates=False)(block, x)
-            else:
-                x, cache_i = block(x, sin, cos, None if cache is None else cache[i], pos, start)
-                new_cache.append(cache_i)
-        if c.norm_placement == "pre":
-            x = self.norm(x)
-        if c.tie_embeddings:
-            logits = x @ self.embed[...].astype(c.dtype).T
+        if cache is None:
+            x, new_cache = self.run_blocks(x, sin, cos), None
         else:
-            logits = self.head(x)
-        logits = logits.astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new_cache)
+            new_cache = []
+            for i, block in enumerate(self.blocks):
+                x, cache_i = block(x, sin, cos, cache[i], pos, start)
+                new_cache.append(cache_i)
+        return (self.norm(x) if c.norm_placement == "pre" else x), new_cache
+
+    def run_blocks(self, x, sin, cos):
+        """The blocks without a cache (training, evaluation), with the model.remat policy; with model.scan_layers, one
+        lax.scan over the blocks' stacked states, so the step compiles one block instead of L. The parameters keep
+        their per-block layout (checkpoints, export, ReLoRA and learning-dynamics paths are unchanged); stacking
+        them copies them once per step. Learning-dynamics capture (nnx.capture) and blocks that differ (ReLoRA
+        layers carry their index) use the Python loop."""
+        policy = REMAT_POLICIES[self.cfg.remat]
+        apply = lambda block, x: block(x, sin, cos)[0]
+        if self.cfg.scan_layers and not hasattr(self, "__captures__"):
+            splits = [nnx.split(block) for block in self.blocks]
+            graphdef = splits[0][0]
+            if all(g == graphdef for g, _ in splits):
+                def body(x, state):
+                    return apply(nnx.merge(graphdef, state), x), None
+                if policy is not NO_REMAT:
+                    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan already blocks CSE
+                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits))  # [L, ...]
+                return jax.lax.scan(body, x, stacked)[0]
+        if policy is not NO_REMAT:
+            # graph_updates=False: a block changes no state, and write-backs would fail on variables that are
+            # not differentiated (ReLoRA's frozen W) since they come from outside the gradient's trace
+            apply = nnx.remat(apply, policy=policy, graph_updates=False)
+        for block in self.blocks:
+            x = apply(block, x)
+        return x
 
     def init_cache(self, batch: int, length: int, dtype=None):
         """A zero KV cache of fixed size: per layer (k, v), each [B, S, K, E]."""

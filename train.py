@@ -134,7 +134,9 @@ def _matmul_chain(n, a):
 
 
 def peak_flops(dtype: str) -> tuple[float, str]:
-    """Peak FLOP/s of all devices together and where the number comes from. On CPU, measured: a jnp matmul."""
+    """Peak FLOP/s of all devices together and where the number comes from. On CPU, measured: the best of a few
+    chains of 1024 x 1024 jnp matmuls, in float32 and in `dtype`, the faster one (as fast as 2048 or 4096 matmuls
+    on a 2-core AVX-512 host; best-of, so that a busy moment does not understate the peak and inflate MFU)."""
     dev = jax.devices()[0]
     kind = dev.device_kind
     for name, (bf16, fp32) in PEAK_TFLOPS.items():
@@ -143,12 +145,22 @@ def peak_flops(dtype: str) -> tuple[float, str]:
             return per * 1e12 * jax.device_count(), f"{kind} datasheet"
     if dev.platform != "cpu":
         return float("nan"), f"{kind}: unknown peak"
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    _matmul_chain(n, a).block_until_ready()
-    t = time.perf_counter()
-    _matmul_chain(n, a).block_until_ready()
-    return 8 * 2 * n ** 3 / (time.perf_counter() - t), "measured CPU matmul"
+    n, best = 1024, 0.0
+    for dt in dict.fromkeys([jnp.float32, jnp.dtype(dtype)]):
+        a = jnp.ones((n, n), dt)
+        _matmul_chain(n, a).block_until_ready()
+        for _ in range(3):
+            t = time.perf_counter()
+            _matmul_chain(n, a).block_until_ready()
+            best = max(best, 8 * 2 * n ** 3 / (time.perf_counter() - t))
+    return best, "measured CPU matmul"
+
+
+def throughput(tokens: int, seconds: float, mcfg: ModelConfig, peak: float) -> dict:
+    """tokens/s, model FLOP/s and MFU of `tokens` trained in `seconds`: the one formula of the training log and
+    benchmarks/throughput.py."""
+    tps = tokens / seconds
+    return dict(tokens_per_s=tps, flops_per_s=tps * flops_per_token(mcfg), mfu=tps * flops_per_token(mcfg) / peak)
 
 
 # ---------------------------------------------------------------------------------------------- state and steps
@@ -199,12 +211,72 @@ def cross_entropy(logits, labels):
 
 def loss_fn(model, tokens):  # tokens [B, T + 1]
     """Mean next-token cross-entropy, plus model.z_loss x mean(logsumexp(logits)^2) (PaLM, Chowdhery et al.
-    2022: keeps the softmax normalizer near 1, so logits do not drift; the weight is static, 0 adds nothing)."""
+    2022: keeps the softmax normalizer near 1, so logits do not drift; the weight is static, 0 adds nothing).
+    With model.loss_chunk, the same loss fused with the head, never holding all of [B, T, V]."""
+    c = model.cfg
+    if c.loss_chunk:
+        return fused_cross_entropy(model.features(tokens[:, :-1])[0], model.head_kernel(), tokens[:, 1:],
+                                   c.loss_chunk, c.z_loss)
     logits = model(tokens[:, :-1])
     loss = cross_entropy(logits, tokens[:, 1:])
-    if model.cfg.z_loss:
-        loss = loss + model.cfg.z_loss * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    if c.z_loss:
+        loss = loss + c.z_loss * jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
     return loss
+
+
+def _fused_ce(h, w, labels, chunk: int, z_loss: float, grads: bool):
+    """Sum of the losses lse - logit_label + z_loss lse^2 over the N rows of h [N, D] (head kernel w [D, V], labels
+    [N]) and, with `grads`, d/dh [N, D] and d/dw [D, V] of that sum, computed `chunk` rows at a time: each chunk's
+    logits are made, turned into d loss / d logits = softmax (1 + 2 z_loss lse) - onehot and used at once, while
+    they are still in cache."""
+    n, d = h.shape
+    pad = -n % chunk  # padded rows get weight 0
+    weight = jnp.pad(jnp.ones((n,), jnp.float32), (0, pad)).reshape(-1, chunk)
+    hs = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    ls = jnp.pad(labels, (0, pad)).reshape(-1, chunk)
+    wc = w.astype(h.dtype)
+
+    def body(dw, xs):
+        hc, lc, wt = xs  # [C, D], [C], [C]
+        logits = jnp.dot(hc, wc, preferred_element_type=jnp.float32)  # [C, V], float32 whatever the compute dtype
+        m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+        e = jnp.exp(logits - m)
+        total = e.sum(axis=-1, keepdims=True)
+        lse = (jnp.log(total) + m)[:, 0]
+        loss = jnp.sum(wt * (lse - jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0] + z_loss * lse ** 2))
+        if not grads:
+            return dw, (loss, None)
+        p = e / total if not z_loss else e / total * (1 + 2 * z_loss * lse)[:, None]
+        g = ((p - jax.nn.one_hot(lc, e.shape[-1], dtype=e.dtype)) * wt[:, None]).astype(h.dtype)  # [C, V]
+        return dw + jnp.dot(hc.T, g, preferred_element_type=jnp.float32), (loss, g @ wc.T)
+
+    dw, (loss, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32) if grads else None, (hs, ls, weight))
+    if not grads:
+        return loss.sum()
+    return loss.sum(), dh.reshape(-1, d)[:n], dw
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def fused_cross_entropy(h, w, labels, chunk: int, z_loss: float = 0.0):
+    """loss_fn's loss of the logits h @ w (cross-entropy, plus z_loss x mean(lse^2)) for h [B, T, D], head kernel
+    w [D, V], labels [B, T], computed `chunk` tokens at
+    a time with its gradients made in the same pass (model.loss_chunk): the [B, T, V] float32 logits and their
+    gradient are never held whole (823 MB each at 4096 tokens x 50257), which on CPU is also faster (RESULTS.md)."""
+    return _fused_ce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk, z_loss, grads=False) / labels.size
+
+
+def _fused_ce_fwd(h, w, labels, chunk, z_loss):
+    loss, dh, dw = _fused_ce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk, z_loss, grads=True)
+    return loss / labels.size, (dh.reshape(h.shape), dw, labels)
+
+
+def _fused_ce_bwd(chunk, z_loss, res, g):
+    dh, dw, labels = res
+    scale = g / labels.size
+    return (scale * dh).astype(dh.dtype), (scale * dw).astype(dw.dtype), np.zeros(labels.shape, jax.dtypes.float0)
+
+
+fused_cross_entropy.defvjp(_fused_ce_fwd, _fused_ce_bwd)
 
 
 def train_step(graphdef, state, tokens, grad_accum: int = 1, skip_nonfinite: bool = False):
@@ -354,7 +426,6 @@ class Trainer:
         layers = tuple(cfg.checkpoint.dynamics.layers) if build_data else ()
         self.dynamics_layers, self.dynamics_note = dynamics_layers(self.mcfg, layers)
         self.jit_steps()
-        self.flops_per_token = flops_per_token(self.mcfg)
         self.start_step = self.saved_step = 0
         self.ckpt = self.hub = None
         if resume:
@@ -499,10 +570,10 @@ class Trainer:
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
-        tps = n * self.cfg.data.batch_size * self.mcfg.seq_len / dt
-        m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)), tokens_per_s=tps,
-                 mfu=tps * self.flops_per_token / self.peak_flops, tokens=self.tokens_seen(step))
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{m['mfu']:.1%}")
+        tp = throughput(n * self.cfg.data.batch_size * self.mcfg.seq_len, dt, self.mcfg, self.peak_flops)
+        m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)), tokens_per_s=tp["tokens_per_s"],
+                 mfu=tp["mfu"], tokens=self.tokens_seen(step))
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tp['tokens_per_s']:,.0f}", mfu=f"{m['mfu']:.1%}")
         self.log(m, step, bar)
         self.history.append(dict(step=step, **m))
         self.check_finite(step)

@@ -1,0 +1,198 @@
+"""Performance machinery: the FLOP count, the throughput benchmark, FSDP memory per device, scan and remat."""
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from conftest import ROOT
+from model import ModelConfig
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import throughput  # noqa: E402
+
+TINY = ["model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.vocab_size=256", "data.batch_size=8"]
+
+
+def test_flops_per_token_matches_a_hand_count():
+    c = ModelConfig(vocab_size=1000, seq_len=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_hidden=96)
+    # per layer: q 32x32, k 32x16, v 32x16, o 32x32, gate / up 32x96, down 96x32; the head 32x1000
+    per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 96
+    matmul_params = 3 * per_layer + 32 * 1000
+    attention = 3 * 6 * 64 * 32  # QK^T and AV: 2 x 2 x T x D forward per layer, x3 with backward, halved (causal)
+    assert train.flops_per_token(c) == 6 * matmul_params + attention == 6 * 68864 + 36864
+
+
+@pytest.mark.parametrize("flags", [[], ["--relora"]])
+def test_throughput_script_prints_the_documented_json(capsys, flags):
+    throughput.main([*TINY, "--steps", "2", "--warmup", "0", *flags])
+    lines = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(lines[-1])
+    assert set(throughput.KEYS) <= set(r), set(throughput.KEYS) - set(r)
+    mcfg = ModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=128)
+    assert r["flops_per_token"] == train.flops_per_token(mcfg)
+    assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
+    assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
+    assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak_flops_per_s"])
+    assert r["peak_source"] == "measured CPU matmul" and r["peak_flops_per_s"] > 1e9
+    assert r["n_devices"] == 8 and np.isfinite(r["loss"]) and r["compile_s"] > 0
+    assert any(line.startswith("MFU") for line in lines)
+    full = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128 + 2 * 32) + 2 * 256 * 32 + 32  # Decoder params
+    # ReLoRA (configs/relora.yaml: rank 32 on every projection): the kernels frozen, A [R, in] and B [out, R] trained
+    kernels, lora = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 128, 32 * (64 + 48 + 48 + 64 + 3 * 160)
+    assert r["params"] == (full if not flags else full + 2 * (lora - kernels))
+
+
+def test_training_log_mfu_is_the_benchmark_formula(tiny_cfg, monkeypatch):
+    calls = []
+    real = train.throughput
+    monkeypatch.setattr(train, "throughput", lambda *a: calls.append(real(*a)) or calls[-1])
+    t = train.Trainer(tiny_cfg("train.steps=2", "train.log_every=2", "sample.n_samples=0"))
+    t.run()
+    logged = t.history[-1]
+    assert len(calls) == 1
+    assert logged["mfu"] == calls[0]["mfu"] and logged["tokens_per_s"] == calls[0]["tokens_per_s"]
+    assert calls[0]["mfu"] == pytest.approx(calls[0]["tokens_per_s"] * train.flops_per_token(t.mcfg) / t.peak_flops)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_fsdp_bytes_per_device_fall_as_one_over_n(n):
+    mcfg = ModelConfig(vocab_size=512, seq_len=16, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=128,
+                       dtype="float32")
+    mesh = jax.make_mesh((1, n), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:n])
+    tx = train.make_tx(train.OmegaConf.load(train.CONFIGS / "base.yaml").opt, 1e-3)
+    _, state = train.init_state(mcfg, tx, mesh, seed=0)
+    params, opt = throughput.state_bytes_per_device(state)
+    total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+    norms = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim == 1)  # RMSNorm scales: replicated
+    assert params == (total(state[0]) - norms(state[0])) / n + norms(state[0])
+    opt_arrays = [x for x in jax.tree.leaves(state[1]) if x.ndim]  # Adam moments; the step counts are scalars
+    assert opt - (total(state[1]) - total(opt_arrays)) == (total(opt_arrays) - norms(opt_arrays)) / n + norms(opt_arrays)
+    assert params < 1.05 * total(state[0]) / n  # the replicated part is small
+
+
+# ---------------------------------------------------------------------------------------------- speed knobs
+
+SMALL = ModelConfig(vocab_size=300, seq_len=16, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_hidden=64,
+                    dtype="float32")
+
+
+def _loss_and_grads(**knobs):
+    import dataclasses
+    from flax import nnx
+    from model import Decoder
+    model = Decoder(dataclasses.replace(SMALL, **knobs), nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (3, SMALL.seq_len + 1), 0, SMALL.vocab_size)
+    loss, grads = jax.jit(lambda m, t: nnx.value_and_grad(train.loss_fn)(m, t))(model, tokens)
+    return model, loss, grads
+
+
+@pytest.mark.parametrize("knobs", [dict(scan_layers=True), dict(remat="block"), dict(remat="dots"),
+                                   dict(remat="dots", scan_layers=True), dict(remat="block", scan_layers=True),
+                                   dict(loss_chunk=7), dict(loss_chunk=64, scan_layers=True, remat="block")])
+def test_speed_knobs_give_the_same_loss_gradients_and_layout(knobs):
+    from flax import nnx
+    ref_model, ref_loss, ref_grads = _loss_and_grads()
+    model, loss, grads = _loss_and_grads(**knobs)
+    assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(ref_model))  # checkpoints interchange
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("block", [
+    dict(z_loss=1e-2), dict(tie_embeddings=True, z_loss=1e-2), dict(norm_placement="post", mlp="gelu"),
+    dict(kind="lstm", lstm=dict(d_embed=16, d_hidden=24, n_layers=2), z_loss=1e-2),
+    dict(kind="kgram_mlp", kgram=dict(k=3, embedding="onehot", d_embed=8, d_hidden=24, n_inner=1))])
+def test_fused_loss_equals_the_plain_loss_for_every_family_and_head(block):
+    """loss_chunk fuses the head into the loss for any model with features() and head_kernel(): a tied head (the
+    embedding's transpose), post-norm (no final norm), the z-loss term and the other families give the plain
+    loss's value and gradients."""
+    import dataclasses
+    from flax import nnx
+    base = {f.name: getattr(SMALL, f.name) for f in dataclasses.fields(SMALL)}
+    tokens = jax.random.randint(jax.random.key(1), (3, SMALL.seq_len + 1), 0, SMALL.vocab_size)
+    out = []
+    for chunk in (0, 7):
+        model = train.build_model(train.model_config(dict(base, **block, loss_chunk=chunk)), nnx.Rngs(0))
+        out.append(jax.jit(lambda m, t: nnx.value_and_grad(train.loss_fn)(m, t))(model, tokens))
+    (ref_loss, ref_grads), (loss, grads) = out
+    if block.get("z_loss"):  # the z-term is in both: it moves the loss above the plain cross-entropy
+        logits = model(tokens[:, :-1])
+        assert loss > train.cross_entropy(logits, tokens[:, 1:]) + 1e-3
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_accepts_old_booleans_and_rejects_unknown_policies():
+    from model import ConfigError
+    assert ModelConfig.from_dict(dict(remat=True)).remat == "block"
+    assert ModelConfig.from_dict(dict(remat=False)).remat == "none"
+    with pytest.raises(ConfigError, match="model.remat='everything'"):
+        ModelConfig.from_dict(dict(remat="everything"))
+
+
+def test_fused_cross_entropy_keeps_float32_logits_in_bfloat16():
+    """The fused loss equals cross_entropy(h @ w) also with padding rows (N not a multiple of the chunk), and in
+    bf16 compute its loss and softmax stay float32."""
+    h = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    w = jax.random.normal(jax.random.key(1), (16, 40))
+    labels = jax.random.randint(jax.random.key(2), (2, 5), 0, 40)
+    plain = lambda h, w: train.cross_entropy(h @ w, labels)
+    fused = lambda h, w: train.fused_cross_entropy(h, w, labels, 4)
+    (l1, g1), (l2, g2) = [jax.value_and_grad(f, argnums=(0, 1))(h, w) for f in (plain, fused)]
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    for a, b in zip(g2, g1):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    lb, (gh, gw) = jax.value_and_grad(fused, argnums=(0, 1))(h.astype("bfloat16"), w)
+    assert lb.dtype == np.float32 and gw.dtype == np.float32 and gh.dtype == np.dtype("bfloat16")
+    np.testing.assert_allclose(lb, l1, rtol=2e-2)
+
+
+def test_scanned_model_still_captures_learning_dynamics():
+    import dataclasses
+    from flax import nnx
+    from checkpoint import dynamics_step
+    from model import Decoder
+    tokens = jax.random.randint(jax.random.key(1), (4, SMALL.seq_len + 1), 0, SMALL.vocab_size)
+    out = []
+    for scan in (False, True):
+        model = Decoder(dataclasses.replace(SMALL, scan_layers=scan), nnx.Rngs(0))
+        graphdef, state = nnx.split((model, nnx.Optimizer(model, train.optax.sgd(0.1), wrt=nnx.Param)))
+        out.append(jax.jit(lambda s, t: dynamics_step(graphdef, s, t, layers=("attention.v", "swiglu.down")))(state, tokens))
+    assert set(out[1]) == set(out[0]) and "activations/blocks.2.swiglu.down" in out[1]
+    for k in out[0]:
+        np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def test_cudnn_attention_is_a_config_error_on_cpu_and_auto_falls_back(monkeypatch):
+    import model
+    with pytest.raises(model.ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
+        ModelConfig.from_dict(dict(attention="cudnn", dtype="bfloat16"))
+    q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16), "bfloat16")
+    k, v = q[:, :, :2], q[:, :, 2:]
+    xla = model.causal_attention(q, k, v, "xla")
+    monkeypatch.setattr(model, "platform", lambda: "gpu")  # auto tries cuDNN, which cannot run here: XLA instead
+    np.testing.assert_array_equal(model.causal_attention(q, k, v, "auto"), xla)
+
+
+def test_checkpoint_restores_across_scan_layers_and_remat(tmp_path):
+    from checkpoint import Checkpoints, CheckpointError, abstract_like
+    mesh = train.make_mesh(1, 8)
+    tx = train.make_tx(train.OmegaConf.load(train.CONFIGS / "base.yaml").opt, 1e-3)
+    _, state = train.init_state(SMALL, tx, mesh, seed=0)
+    saved = dict(model=dict(SMALL.__dict__))
+    ckpt = Checkpoints(tmp_path, use_async=False)
+    ckpt.save(0, state, dict(step=0), saved)
+    ckpt.wait()
+    _, other = train.init_state(SMALL, tx, mesh, seed=1)
+    restored, _ = ckpt.restore(0, abstract_like(other), dict(saved["model"], scan_layers=True, remat="dots", loss_chunk=8))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(CheckpointError, match="model.d_model"):
+        ckpt.restore(0, abstract_like(other), dict(saved["model"], d_model=64))
