@@ -129,6 +129,8 @@ def load(path, step: int | None = None):
         raise CheckpointError(f"no complete checkpoint in {path}")
     cfg = OmegaConf.create(ckpts.config(step))
     cfg.mesh.data, cfg.mesh.fsdp = 1, -1  # this host's devices, whatever the run used
+    if cfg.model.get("attention") == "cudnn":  # a GPU run's setting; auto still takes cuDNN on a GPU, XLA elsewhere
+        cfg.model.attention = "auto"
     trainer = train.Trainer(cfg, build_data=False, resume=False)
     trainer.wrap_for(step)
     trainer.state, loop = ckpts.restore(step, abstract_like(trainer.state))

@@ -174,6 +174,14 @@ def test_load_needs_only_the_directory(tiny_cfg):
     assert loop["eval"] == dict(step=2, val_loss=final["val_loss"], val_ppl=final["val_ppl"])  # stored with it
     tokens = jax.numpy.asarray(t.train_data.rows(0)[:2, :-1])
     np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
+    # a run made on a GPU with model.attention=cudnn (a ConfigError on this CPU) loads here too, through auto
+    saved = t.ckpt.dir / "2" / "config" / "metadata"
+    config = json.loads(saved.read_text())
+    config["model"]["attention"] = "cudnn"
+    saved.write_text(json.dumps(config))
+    model, cfg, _ = checkpoint.load(t.run_dir)
+    assert cfg.model.attention == "auto"
+    np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
 
 
 def test_relora_resume_across_the_warm_start_wrap_is_exact(tiny_cfg):
