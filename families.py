@@ -12,8 +12,10 @@
 A module of its own, apart from model.py, because model.py is the pico-decoder that checkpoints, export, ReLoRA
 and the learning-dynamics snapshots are built around; these are comparison baselines that share only its
 interface: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32 (and the new cache when a
-cache is given), `init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step,
-`model.generate`, `generate.generate_ids`, `Trainer.sample` and `distinct` use them unchanged. The LSTM's cache is
+cache is given), `features(...)` -> what the head reads (and the new cache), `head_kernel()` -> [C, V],
+`init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step (the loss fused with the head
+too, model.loss_chunk), `model.generate`, `generate.generate_ids`, `Trainer.sample` and `distinct` use them
+unchanged. The LSTM's cache is
 its (h, c) per layer, left as it is over left-padded positions before `start`; the k-gram model's cache is the
 window of its last N - 1 tokens (-1 = no token). Parameters are replicated: both are data-parallel only (model.py's
 SHARDING table). Dimensions: model.py's legend (M embedding, C hidden, G = 4 C gates, N = k).
