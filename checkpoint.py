@@ -102,11 +102,9 @@ def model_fields(block) -> dict:
     for model.lstm.d_hidden), with `kind`."""
     import train
     from families import SHARED
-    kind = block.get("kind") or "decoder"
-    sub = {"lstm": "lstm.", "kgram_mlp": "kgram."}.get(kind, "")
-    fields = dataclasses.asdict(train.model_config(block))
-    return dict(kind=kind, **{(k if k in SHARED or not sub else sub + k): v
-                              for k, v in fields.items()})
+    cfg = train.model_config(block)
+    sub = "" if cfg.KIND == "decoder" else cfg.SUB + "."
+    return dict(kind=cfg.KIND, **{(k if k in SHARED else sub + k): v for k, v in dataclasses.asdict(cfg).items()})
 
 
 def abstract_like(state):

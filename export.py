@@ -45,9 +45,8 @@ NOT_LLAMA = {"pos_encoding": "rope", "norm_placement": "pre", "norm_type": "rmsn
 
 def check_llama(cfg) -> None:
     """Refuse a model that is not a Llama: another model.kind, or a knob Llama does not have."""
-    if not isinstance(cfg, ModelConfig):
-        kind = {"LSTMConfig": "lstm", "KGramConfig": "kgram_mlp"}.get(type(cfg).__name__, type(cfg).__name__)
-        raise ConfigError(f"only model.kind=decoder exports to Hugging Face Llama; this model is model.kind={kind}")
+    if cfg.KIND != "decoder":
+        raise ConfigError(f"only model.kind=decoder exports to Hugging Face Llama; this model is model.kind={cfg.KIND}")
     bad = [f"model.{k}={getattr(cfg, k)!r}" for k, ok in NOT_LLAMA.items() if getattr(cfg, k) != ok]
     if bad:
         raise ConfigError(f"{', '.join(bad)}: a Hugging Face Llama has RoPE, pre-norm RMSNorm, SwiGLU and no QK-norm; "

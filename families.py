@@ -27,6 +27,7 @@ start near zero and the first hundreds of steps are lost (measured on the built-
 import math
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,72 +35,67 @@ from flax import nnx
 
 from model import ConfigError, dense, normal, param
 
-SHARED = ("vocab_size", "seq_len", "dtype", "z_loss", "loss_chunk")  # keys of the `model:` block every family reads
-
-
-def _from_block(cls, d, sub: str):
-    """A family config from the `model:` block: the shared keys plus the `model.<sub>` sub-block (unknown keys
-    in the sub-block are rejected; the decoder's own keys are ignored)."""
-    d = dict(d)
-    block = dict(d.get(sub) or {})
-    known = {f.name for f in dataclasses.fields(cls)} - set(SHARED)
-    unknown = sorted(set(block) - known)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {[f'model.{sub}.{k}' for k in unknown]}; known model.{sub} keys: "
-                          f"{sorted(known)}")
-    cfg = cls(**{k: d[k] for k in SHARED if k in d}, **block)
-    cfg.validate()
-    return cfg
-
-
-def _check_positive(cfg, sub: str, keys):
-    for key in keys:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{sub}.{key}={getattr(cfg, key)}; it must be at least 1")
-    for key in ("z_loss", "loss_chunk"):  # the shared keys, as ModelConfig.validate checks them
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"model.{key}={getattr(cfg, key)}; use 0 (off) or more")
-    jnp.dtype(cfg.dtype)
-
-
 @dataclass(frozen=True)
-class LSTMConfig:
+class FamilyConfig:
+    """The keys of the `model:` block every family reads; a family's own keys are in its `model.<SUB>` sub-block."""
+    KIND: ClassVar[str]  # its model.kind
+    SUB: ClassVar[str]   # its sub-block's name
     vocab_size: int = 50304
     seq_len: int = 2048
-    d_embed: int = 288      # M
-    d_hidden: int = 288     # C
-    n_layers: int = 2
     dtype: str = "bfloat16"
     z_loss: float = 0.0
     loss_chunk: int = 0
 
     @classmethod
-    def from_dict(cls, d) -> "LSTMConfig":
-        return _from_block(cls, d, "lstm")
+    def from_dict(cls, d):
+        """The config from the `model:` block: the shared keys plus the `model.<SUB>` sub-block (unknown keys in
+        the sub-block are rejected; the decoder's own keys are ignored)."""
+        d = dict(d)
+        block = dict(d.get(cls.SUB) or {})
+        known = {f.name for f in dataclasses.fields(cls)} - set(SHARED)
+        unknown = sorted(set(block) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {[f'model.{cls.SUB}.{k}' for k in unknown]}; known "
+                              f"model.{cls.SUB} keys: {sorted(known)}")
+        cfg = cls(**{k: d[k] for k in SHARED if k in d}, **block)
+        cfg.validate()
+        return cfg
 
-    def validate(self):
-        _check_positive(self, "lstm", ("d_embed", "d_hidden", "n_layers"))
+    def check_positive(self, keys):
+        for key in keys:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{self.SUB}.{key}={getattr(self, key)}; it must be at least 1")
+        for key in ("z_loss", "loss_chunk"):  # the shared keys, as ModelConfig.validate checks them
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}={getattr(self, key)}; use 0 (off) or more")
+        jnp.dtype(self.dtype)
+
+
+SHARED = tuple(f.name for f in dataclasses.fields(FamilyConfig))
 
 
 @dataclass(frozen=True)
-class KGramConfig:
-    vocab_size: int = 50304
-    seq_len: int = 2048
+class LSTMConfig(FamilyConfig):
+    KIND, SUB = "lstm", "lstm"
+    d_embed: int = 288      # M
+    d_hidden: int = 288     # C
+    n_layers: int = 2
+
+    def validate(self):
+        self.check_positive(("d_embed", "d_hidden", "n_layers"))
+
+
+@dataclass(frozen=True)
+class KGramConfig(FamilyConfig):
+    KIND, SUB = "kgram_mlp", "kgram"
     k: int = 3                  # N: context tokens, the current one included
     embedding: str = "learned"  # learned (an embedding [V, M]) | onehot (the first layer reads N one-hot vectors)
     d_embed: int = 288          # M (learned only)
     d_hidden: int = 288         # C
     n_inner: int = 1            # hidden C x C layers after the first
-    dtype: str = "bfloat16"
-    z_loss: float = 0.0
-    loss_chunk: int = 0
-
-    @classmethod
-    def from_dict(cls, d) -> "KGramConfig":
-        return _from_block(cls, d, "kgram")
 
     def validate(self):
-        _check_positive(self, "kgram", ("k", "d_embed", "d_hidden"))
+        self.check_positive(("k", "d_embed", "d_hidden"))
         if self.n_inner < 0:
             raise ConfigError(f"model.kgram.n_inner={self.n_inner}; use 0 or more")
         if self.embedding not in ("learned", "onehot"):

@@ -18,6 +18,7 @@ Dimensions, used in every shape comment and einsum string:
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    KIND: ClassVar[str] = "decoder"  # its model.kind (families.py has the others)
     vocab_size: int = 50304
     seq_len: int = 2048
     d_model: int = 768

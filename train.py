@@ -84,7 +84,7 @@ def model_config(block) -> ModelConfig | LSTMConfig | KGramConfig:
 
 
 def build_model(mcfg, rngs: nnx.Rngs) -> nnx.Module:
-    return next(module for cfg_type, module in FAMILIES.values() if type(mcfg) is cfg_type)(mcfg, rngs)
+    return FAMILIES[mcfg.KIND][1](mcfg, rngs)
 
 
 def check_layout(mcfg, mesh, batch_size: int, grad_accum: int, eval_batch: int):
@@ -160,7 +160,8 @@ def throughput(tokens: int, seconds: float, mcfg: ModelConfig, peak: float) -> d
     """tokens/s, model FLOP/s and MFU of `tokens` trained in `seconds`: the one formula of the training log and
     benchmarks/throughput.py."""
     tps = tokens / seconds
-    return dict(tokens_per_s=tps, flops_per_s=tps * flops_per_token(mcfg), mfu=tps * flops_per_token(mcfg) / peak)
+    flops = tps * flops_per_token(mcfg)
+    return dict(tokens_per_s=tps, flops_per_s=flops, mfu=flops / peak)
 
 
 # ---------------------------------------------------------------------------------------------- state and steps
@@ -331,8 +332,7 @@ def dynamics_layers(mcfg, layers) -> tuple[tuple[str, ...], str | None]:
         if layer not in BLOCK_LAYERS:
             raise ConfigError(f"checkpoint.dynamics.layers: {layer!r} is not a layer of a block; choose from {BLOCK_LAYERS}")
     if not isinstance(mcfg, ModelConfig):
-        kind = next(k for k, (t, _) in FAMILIES.items() if type(mcfg) is t)
-        return (), f"learning dynamics: off for model.kind={kind} (snapshots are of decoder blocks)" if layers else None
+        return (), f"learning dynamics: off for model.kind={mcfg.KIND} (snapshots are of decoder blocks)" if layers else None
     mlp = "swiglu." if mcfg.mlp == "swiglu" else "mlp."
     have = tuple(x for x in layers if x.startswith(("attention.", mlp)))
     missing = [x for x in layers if x not in have]
@@ -415,7 +415,7 @@ class Trainer:
         if self.relora and not isinstance(self.mcfg, ModelConfig):
             raise ConfigError(f"model.relora is set but model.kind={cfg.model.kind}: ReLoRA wraps the decoder's "
                               f"attention and MLP projections; set model.relora=null or model.kind=decoder")
-        if self.relora and getattr(self.mcfg, "mlp", None) == "gelu" and {"swiglu", "gate"} & set(self.relora.target_modules):
+        if self.relora and self.mcfg.mlp == "gelu" and {"swiglu", "gate"} & set(self.relora.target_modules):
             raise ConfigError(f"model.relora.target_modules={list(self.relora.target_modules)} names SwiGLU layers but "
                               f"model.mlp=gelu; target `mlp` (the GELU MLP's up and down projections) instead")
         self.schedule = lr_schedule(cfg.opt, cfg.train.steps)
@@ -570,7 +570,7 @@ class Trainer:
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
-        tp = throughput(n * self.cfg.data.batch_size * self.mcfg.seq_len, dt, self.mcfg, self.peak_flops)
+        tp = throughput(self.tokens_seen(n), dt, self.mcfg, self.peak_flops)  # the tokens of these n steps
         m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)), tokens_per_s=tp["tokens_per_s"],
                  mfu=tp["mfu"], tokens=self.tokens_seen(step))
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tp['tokens_per_s']:,.0f}", mfu=f"{m['mfu']:.1%}")
