@@ -11,9 +11,9 @@
 
 A module of its own, apart from model.py, because model.py is the pico-decoder that checkpoints, export, ReLoRA
 and the learning-dynamics snapshots are built around; these are comparison baselines that share only its
-interface: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32 (and the new cache when a
-cache is given), `features(...)` -> what the head reads (and the new cache), `head_kernel()` -> [C, V],
-`init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step (the loss fused with the head
+interface, model.LanguageModel: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32 (and
+the new cache when a cache is given) from their own `features(...)` (what the head reads, and the new cache) and
+`head_kernel()` ([C, V]), `init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step (the loss fused with the head
 too, model.loss_chunk), `model.generate`, `generate.generate_ids`, `Trainer.sample` and `distinct` use them
 unchanged. The LSTM's cache is
 its (h, c) per layer, left as it is over left-padded positions before `start`; the k-gram model's cache is the
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import ConfigError, dense, normal, param
+from model import ConfigError, LanguageModel, normal, param
 
 @dataclass(frozen=True)
 class FamilyConfig:
@@ -140,7 +140,7 @@ class LSTMLayer(nnx.Module):
         return hs.swapaxes(0, 1).astype(self.dtype), state
 
 
-class LSTM(nnx.Module):
+class LSTM(LanguageModel):
     def __init__(self, cfg: LSTMConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = _kernel(rngs, (cfg.vocab_size, cfg.d_embed), "lstm_embed_VM", 1)
@@ -148,18 +148,13 @@ class LSTM(nnx.Module):
                                           "lstm_in_MG" if i == 0 else "lstm_in_CG") for i in range(cfg.n_layers)])
         self.head = _kernel(rngs, (cfg.d_hidden, cfg.vocab_size), "lstm_head_CV", cfg.d_hidden)
 
-    def __call__(self, tokens, cache=None, pos=0, start=None):
-        """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the state after position pos - 1) also the
-        state after the last token. Positions before start [B] leave the state unchanged."""
-        h, new = self.features(tokens, cache, pos, start)
-        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new)
-
     def head_kernel(self):  # [C, V]
         return self.head[...]
 
     def features(self, tokens, cache=None, pos=0, start=None):
-        """The last layer's outputs [B, T, C], which the head reads, and the new state (None without a cache)."""
+        """The last layer's outputs [B, T, C], which the head reads, and with `cache` (the state after position
+        pos - 1) the state after the last token (None without a cache). Positions before start [B] leave the state
+        unchanged."""
         B, T = tokens.shape
         dtype = jnp.dtype(self.cfg.dtype)
         x = self.embed[...].astype(dtype)[tokens]  # [B, T, M]
@@ -178,7 +173,7 @@ class LSTM(nnx.Module):
         return [(zeros, zeros) for _ in range(self.cfg.n_layers)]
 
 
-class KGramMLP(nnx.Module):
+class KGramMLP(LanguageModel):
     def __init__(self, cfg: KGramConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         N, M, C, V = cfg.k, cfg.d_embed, cfg.d_hidden, cfg.vocab_size
@@ -192,18 +187,13 @@ class KGramMLP(nnx.Module):
         self.hidden_bias = nnx.List([_zeros((C,), "kgram_bias_C") for _ in range(cfg.n_inner)])
         self.head = _kernel(rngs, (C, V), "kgram_head_CV", C)
 
-    def __call__(self, tokens, cache=None, pos=0, start=None):
-        """tokens [B, T] -> logits [B, T, V] float32; with `cache` (the N - 1 tokens before position pos, -1 =
-        none) also the window after the last token. Tokens before start [B] count as no token."""
-        h, window = self.features(tokens, cache, pos, start)
-        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, window)
-
     def head_kernel(self):  # [C, V]
         return self.head[...]
 
     def features(self, tokens, cache=None, pos=0, start=None):
-        """The last hidden layer [B, T, C], which the head reads, and the new window (None without a cache)."""
+        """The last hidden layer [B, T, C], which the head reads, and with `cache` (the N - 1 tokens before position
+        pos, -1 = none) the window after the last token (None without a cache). Tokens before start [B] count as
+        no token."""
         c = self.cfg
         B, T = tokens.shape
         dtype = jnp.dtype(c.dtype)

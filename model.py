@@ -340,7 +340,21 @@ class Block(nnx.Module):
         return h + mlp(mlp_norm(h)), cache
 
 
-class Decoder(nnx.Module):
+class LanguageModel(nnx.Module):
+    """What every model family shares: logits = features(tokens) @ head_kernel(). A family gives `features` (what
+    the head reads, [B, T, X] in the compute dtype, and the new cache or state), `head_kernel` ([X, V]) and
+    `init_cache`; train.loss_fn can then also fuse the head with the loss (model.loss_chunk)."""
+
+    def __call__(self, tokens, cache=None, pos=0, start=None):
+        """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
+        positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
+        up to start[b] and the padding does not count (see `features`)."""
+        h, new_cache = self.features(tokens, cache, pos, start)
+        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
+        return logits if cache is None else (logits, new_cache)
+
+
+class Decoder(LanguageModel):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = param(normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
@@ -356,21 +370,14 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
 
-    def __call__(self, tokens, cache=None, pos=0, start=None):
-        """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
-        positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
-        up to start[b]: the padding is masked out and the positions of the row count from there."""
-        h, new_cache = self.features(tokens, cache, pos, start)
-        logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
-        return logits if cache is None else (logits, new_cache)
-
     def head_kernel(self):
         """The output projection [D, V]: the head's kernel, or the embedding's transpose when tied."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.head.kernel[...]
 
     def features(self, tokens, cache=None, pos=0, start=None):
         """What the head reads, [B, T, D] in the compute dtype (the final norm's output; post-norm: the last block's),
-        and the new cache (None without one). train.loss_fn feeds it to a cross-entropy fused with the head."""
+        and the new KV cache (None without one). Left padding (start) is masked out and the positions of a row
+        count from its start."""
         B, T = tokens.shape
         c = self.cfg
         x = self.embed[...].astype(c.dtype)[tokens]  # [B, T, D]
