@@ -36,4 +36,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    train.reuse_host_memory()  # a restart, before jax starts: on CPU, each step reuses the last one's memory
     main()

@@ -7,7 +7,9 @@ and returns the new state and device-side metrics; the host only reads metrics e
 import json
 import math
 import os
+import platform
 import signal
+import sys
 import threading
 import time
 from functools import partial
@@ -46,6 +48,26 @@ def check_keys(cfg, ref=None, prefix=""):
             continue
         if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]):
             check_keys(cfg[k], ref[k], name + ".")
+
+
+# glibc malloc settings for speed on CPU: one arena, never mmap, never give freed memory back (see reuse_host_memory)
+HOST_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def reuse_host_memory():
+    """Restart this process once with HOST_MALLOC in its environment, so that the memory of one step is reused by the next.
+    XLA:CPU allocates a step's temporaries afresh on every call (4 GB on benchmarks' picodo2) from its worker threads;
+    glibc gives those threads arenas of their own, which serve anything over 64 MB with mmap and unmap it on free, so
+    every step page-faults its whole working set back in: 1.3 M faults, a third of picodo2's step
+    (benchmarks/RESULTS.md). glibc reads these settings only at process start (mallopt cannot set a size over 2 GB
+    or the arenas of threads that exist), hence the restart, done by the entry points before any jax computation.
+    Linux with glibc only; setting any of these variables yourself (e.g. MALLOC_ARENA_MAX=8) turns it off."""
+    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
+            or any(k in os.environ for k in (*HOST_MALLOC, "GLIBC_TUNABLES"))):
+        return
+    os.environ.update(HOST_MALLOC)
+    sys.stdout.flush(), sys.stderr.flush()
+    os.execv(sys.executable, sys.orig_argv)
 
 
 def init_distributed(d):

@@ -221,4 +221,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import train
+    train.reuse_host_memory()  # as main.py does: on CPU, each step reuses the last one's memory (a restart)
     main()

@@ -12,6 +12,11 @@ sys.path.insert(0, str(ROOT))
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+import train  # noqa: E402
+
+for _k, _v in train.HOST_MALLOC.items():  # `python main.py` subprocesses start with them, so they skip the restart
+    os.environ.setdefault(_k, _v)
+
 TINY = [  # a model small enough to compile and step in seconds
     "model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
     "data.batch_size=16", "eval.batch_size=8", "eval.max_tokens=2048", "train.steps=3", "train.log_every=1",

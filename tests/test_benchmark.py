@@ -1,5 +1,7 @@
 """Performance machinery: the FLOP count, the throughput benchmark, FSDP memory per device, scan and remat."""
 import json
+import os
+import subprocess
 import sys
 
 import jax
@@ -24,6 +26,17 @@ def test_flops_per_token_matches_a_hand_count():
     matmul_params = 3 * per_layer + 32 * 1000
     attention = 3 * 6 * 64 * 32  # QK^T and AV: 2 x 2 x T x D forward per layer, x3 with backward, halved (causal)
     assert train.flops_per_token(c) == 6 * matmul_params + attention == 6 * 68864 + 36864
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
+def test_entry_points_restart_once_with_the_host_malloc_settings_unless_the_user_set_them():
+    code = ("import os, train; print('start', flush=True); train.reuse_host_memory(); "
+            "print(*(os.environ.get(k) for k in train.HOST_MALLOC))")
+    env = {k: v for k, v in os.environ.items() if k not in train.HOST_MALLOC}
+    run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                                     text=True, check=True).stdout.split("\n")
+    assert run(env)[:3] == ["start", "start", " ".join(train.HOST_MALLOC.values())]  # restarted once, then kept
+    assert run({**env, "MALLOC_ARENA_MAX": "8"})[:2] == ["start", "8 None None"]  # the user's own: no restart
 
 
 @pytest.mark.parametrize("flags", [[], ["--relora"]])
