@@ -9,7 +9,7 @@ from flax import nnx
 
 import train
 from conftest import make_cfg
-from model import Decoder, ModelConfig, count_params, generate
+from model import Decoder, ModelConfig, blockwise_attention, count_params, generate
 
 SMALL = ModelConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=64,
                     dtype="float32")
@@ -23,6 +23,24 @@ def test_causal_gradient_of_future_tokens_is_exactly_zero():
         g_embed = np.asarray(grads["embed"][...])  # [V, D]
         assert np.all(g_embed[t + 1:SMALL.seq_len] == 0), f"logits at {t} depend on later tokens"
         assert np.all(np.abs(g_embed[:t + 1]).sum(-1) > 0), f"logits at {t} ignore earlier tokens"
+
+
+@pytest.mark.parametrize("T, min_block, dtype", [(16, 64, "float32"), (37, 8, "float32"), (64, 4, "bfloat16")])
+def test_blockwise_attention_equals_jax_attention_in_values_and_gradients(T, min_block, dtype):
+    """One block (T < min_block), uneven blocks (37 = 10+10+10+7), 64 in max_blocks=8 of 8; GQA (4 heads, 2 kv)."""
+    q, k, v, g = (jax.random.normal(jax.random.key(i), (2, T, n, 8), dtype) for i, n in enumerate((4, 2, 2, 4)))
+    ref = partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla")
+    ours = partial(blockwise_attention, min_block=min_block)
+    grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * g), argnums=(0, 1, 2)))(q, k, v)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    out = jax.jit(ours)(q, k, v)
+    assert out.dtype == q.dtype
+    np.testing.assert_allclose(np.float32(out), np.float32(jax.jit(ref)(q, k, v)), atol=tol, rtol=tol)
+    for a, b in zip(grads(ours), grads(ref)):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), atol=tol * 4, rtol=tol)
+    t = T // 2 + 1  # a query in a later block: no gradient reaches the keys after it, some reaches every key up to it
+    seen = jax.jit(jax.grad(lambda k: ours(q, k, v)[:, t].astype(jnp.float32).sum()))(k)
+    assert np.all(np.float32(seen[:, t + 1:]) == 0) and np.all(np.abs(np.float32(seen[:, :t + 1])).sum(-1) > 0)
 
 
 @pytest.mark.parametrize("size,expected", [("tiny", 11.3e6), ("small", 64.6e6), ("medium", 181e6), ("large", 570e6)])
