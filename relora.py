@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model import ConfigError, Decoder, Linear, param
+from model import ConfigError, Decoder, Linear, dense, param
 
 # target_modules names: the attribute names in model.py. A block name takes all of its projections.
 BLOCKS = {"attention": ("q", "k", "v", "o"), "swiglu": ("gate", "up", "down"), "mlp": ("up", "down")}  # mlp: GELU
@@ -140,8 +140,8 @@ class LoRALinear(nnx.Module):
         if key is not None and self.dropout > 0:  # training only: training_step sets the key
             keep = jax.random.bernoulli(jax.random.fold_in(key, self.layer), 1 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1 - self.dropout), 0).astype(self.dtype)
-        h = (self.scale() * (h @ self.A[...].T.astype(self.dtype))).astype(self.dtype)  # [..., R]
-        return x @ self.kernel[...].astype(self.dtype) + h @ self.B[...].T.astype(self.dtype)
+        h = (self.scale() * dense(h, self.A[...].T.astype(self.dtype))).astype(self.dtype)  # [..., R]
+        return dense(x, self.kernel[...].astype(self.dtype)) + dense(h, self.B[...].T.astype(self.dtype))
 
     def update(self):
         """scale (B A)^T [in, out]: the low-rank branch as a kernel."""
