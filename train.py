@@ -55,7 +55,7 @@ HOST_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_TH
 
 
 def reuse_host_memory():
-    """Restart this process once with HOST_MALLOC in its environment, so that the memory of one step is reused by the next.
+    """Restart this process once with HOST_MALLOC in its environment, so that one step's memory is reused by the next.
     XLA:CPU allocates a step's temporaries afresh on every call (4 GB on benchmarks' picodo2) from its worker threads;
     glibc gives those threads arenas of their own, which serve anything over 64 MB with mmap and unmap it on free, so
     every step page-faults its whole working set back in: 1.3 M faults, a third of picodo2's step
