@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import ConfigError, LanguageModel, normal, param
+from model import ConfigError, LanguageModel, dense, normal, param
 
 @dataclass(frozen=True)
 class FamilyConfig:
@@ -123,7 +123,7 @@ class LSTMLayer(nnx.Module):
     def __call__(self, x, state, valid):
         """x [B, T, M or C], state (h, c) each [B, C] float32, valid [B, T] bool (False: keep the state as it
         is, a left-padded position). Returns the outputs [B, T, C] and the last state."""
-        gates_x = x.astype(self.dtype) @ self.w_in[...].astype(self.dtype)  # [B, T, G], all steps in one matmul
+        gates_x = dense(x.astype(self.dtype), self.w_in[...].astype(self.dtype))  # [B, T, G], all steps at once
         w_rec, bias = self.w_rec[...].astype(self.dtype), self.bias[...]
 
         def step(state, inp):
@@ -206,13 +206,13 @@ class KGramMLP(LanguageModel):
         ids = jnp.maximum(windows, 0)
         if c.embedding == "learned":
             e = jnp.where(present, self.embed[...].astype(dtype)[ids], 0)  # [B, T, N, M]
-            h = e.reshape(B, T, -1) @ self.w_in[...].astype(dtype)  # [B, T, C]
+            h = dense(e.reshape(B, T, -1), self.w_in[...].astype(dtype))  # [B, T, C]
         else:
             rows = self.w_in[...].astype(dtype)[jnp.arange(c.k), ids]  # [B, T, N, C]
             h = jnp.where(present, rows, 0).sum(axis=2)
         h = jax.nn.silu(h + self.b_in[...].astype(dtype))
         for w, b in zip(self.hidden, self.hidden_bias):
-            h = jax.nn.silu(h @ w[...].astype(dtype) + b[...].astype(dtype))
+            h = jax.nn.silu(dense(h, w[...].astype(dtype)) + b[...].astype(dtype))
         return h, None if cache is None else ext[:, ext.shape[1] - (c.k - 1):]
 
     def init_cache(self, batch: int, length: int = 0, dtype=None):
