@@ -66,7 +66,8 @@ def reuse_host_memory():
             or any(k in os.environ for k in (*HOST_MALLOC, "GLIBC_TUNABLES"))):
         return
     os.environ.update(HOST_MALLOC)
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
 
 
@@ -275,7 +276,7 @@ def _fused_ce(h, w, labels, chunk: int, z_loss: float, grads: bool):
 
     # hct: each chunk's h^T laid out contiguously beforehand; XLA:CPU's d/dw matmul then runs at ~410 GFLOP/s
     # instead of ~300 when it reads the transpose in place (picodo1's head: [256, 512] @ [512, 50257], RESULTS.md)
-    xs = (hs, hs.swapaxes(1, 2) if grads else hs, ls, weight)
+    xs = (hs, hs.swapaxes(1, 2) if grads else None, ls, weight)
     dw, (loss, dh) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32) if grads else None, xs)
     if not grads:
         return loss.sum()
@@ -285,9 +286,9 @@ def _fused_ce(h, w, labels, chunk: int, z_loss: float, grads: bool):
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_cross_entropy(h, w, labels, chunk: int, z_loss: float = 0.0):
     """loss_fn's loss of the logits h @ w (cross-entropy, plus z_loss x mean(lse^2)) for h [B, T, D], head kernel
-    w [D, V], labels [B, T], computed `chunk` tokens at
-    a time with its gradients made in the same pass (model.loss_chunk): the [B, T, V] float32 logits and their
-    gradient are never held whole (823 MB each at 4096 tokens x 50257), which on CPU is also faster (RESULTS.md)."""
+    w [D, V], labels [B, T], computed `chunk` tokens at a time with its gradients made in the same pass
+    (model.loss_chunk): the [B, T, V] float32 logits and their gradient are never held whole (823 MB each at 4096
+    tokens x 50257), which on CPU is also faster (RESULTS.md)."""
     return _fused_ce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk, z_loss, grads=False) / labels.size
 
 
