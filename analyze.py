@@ -2,12 +2,13 @@
 
     python analyze.py run_dir=runs/local                                  # every metric at every stored step
     python analyze.py run_dir=runs/local metrics=[per,cka] steps=[0,100,200] target_step=200
-    python analyze.py run_dir=runs/local 'steps={start:0,end:300,every:50}' split=eval wandb=offline   # quoted: bash would split {a,b} on the commas
+    python analyze.py run_dir=runs/local 'steps={start:0,end:300,every:50}' split=eval wandb=offline
+        # (quoted: bash would split {a,b} on the commas)
     python analyze.py compare=[runs/local,runs/relora] metrics=[per] out=docs/relora_effective_rank.png
 
-A separate module from train.py and checkpoint.py's writers: the analysis reads only the snapshot files
-(<run_dir>/learning_dynamics/<step>/{train,eval}.safetensors, see checkpoint.py) and the run's config.yaml, so it
-needs no model, trainer or accelerator and can run on a laptop over snapshots pulled from anywhere.
+A separate module from the trainer and dynamics.py's capture: the analysis reads only the snapshot files
+(<run_dir>/learning_dynamics/<step>/{train,eval}.safetensors, see snapshots.py) and the run's config.yaml, so it
+imports no jax, orbax or flax and can run on a laptop over snapshots pulled from anywhere.
 
 Keys (Hydra-style key=value, the same grammar as main.py):
     run_dir      the run to analyze
@@ -40,7 +41,8 @@ Components, per block i (names as stored: blocks.<i>.<layer>):
                                        pico-analyze's OV weights multiply the other way round (V[kv(h)] O[:, h] in
                                        PyTorch's [out, in] layout, an [E, E] matrix: same nonzero eigenvalues, other
                                        singular values); this is the map the residual stream sees, x -> x W_OV.
-    kv(h) = h // (n_heads / n_kv_heads) selects head dim columns kv(h) E .. (kv(h) + 1) E; W_O[h] is rows h E .. (h+1) E.
+    kv(h) = h // (n_heads / n_kv_heads) selects head dim columns kv(h) E .. (kv(h) + 1) E;
+    W_O[h] is rows h E .. (h+1) E.
 
 Output layout (under `out`):
     <metric>/<split>/<step>.json   {"metric", "split", "step", ["target_step",] "values": {kind: {component: value}}}
@@ -56,15 +58,19 @@ import re
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # small matrices: BLAS threads cost more than they save (an SVD 5-20x slower on 2 cores)
+if __name__ == "__main__":  # small matrices: BLAS threads cost more than they save (benchmarks/RESULTS.md)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import snapshots  # noqa: E402
+from config import ConfigError, reject_unknown  # noqa: E402
 
 KEYS = {"run_dir": None, "metrics": None, "steps": None, "split": "train", "target_step": None, "out": None,
         "wandb": "disabled", "compare": None}
 
 
-class AnalysisError(ValueError):
+class AnalysisError(ConfigError):
     """Bad input to the analysis; the message names the key or file and the fix."""
 
 
@@ -170,7 +176,7 @@ def ov_circuit(w_v, w_o, n_heads: int, n_kv_heads: int) -> list:
 
 
 def components(snap: dict, kind: str, split: str, model: dict) -> dict:
-    """{component name: matrix} of one kind (weights, gradients, activations) from a load_dynamics snapshot."""
+    """{component name: matrix} of one kind (weights, gradients, activations) from a snapshots.load snapshot."""
     out = {}
     for (s, k, layer), value in snap.items():
         if s != split:
@@ -195,12 +201,6 @@ def _sort_key(name: str):
 
 # ---------------------------------------------------------------------------------------------- the analysis
 
-def stored_steps(run_dir: Path) -> list[int]:
-    root = run_dir / "learning_dynamics"
-    return sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and any(p.glob("*.safetensors"))) \
-        if root.is_dir() else []
-
-
 def select_steps(spec, present: list[int], where) -> list[int]:
     """steps=null | int | [list] | {start, end, every} -> sorted steps, each of which must be stored."""
     if spec is None:
@@ -216,7 +216,8 @@ def select_steps(spec, present: list[int], where) -> list[int]:
         steps = list(range(start, end + 1, spec["every"]))
     else:
         raise AnalysisError(f"steps={spec!r}; use a list (steps=[0,100,200]), a range "
-                            f"(quoted in a shell: 'steps={{start:0,end:300,every:100}}', end included) or leave it out for all stored steps")
+                            f"(quoted in a shell: 'steps={{start:0,end:300,every:100}}', end included) or leave it "
+                            f"out for all stored steps")
     missing = [s for s in steps if s not in present]
     if missing or not steps:
         raise AnalysisError(f"step(s) {missing or steps} not stored in {where}; steps present: {present}")
@@ -225,15 +226,14 @@ def select_steps(spec, present: list[int], where) -> list[int]:
 
 def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, out=None, wandb="disabled") -> dict:
     """Compute, write and plot; returns {metric: {step: {kind: {component: value}}}}."""
-    from omegaconf import OmegaConf
-    from checkpoint import load_dynamics
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise AnalysisError(f"run_dir={run_dir} is not a directory; point it at a run (e.g. runs/local)")
-    present = stored_steps(run_dir)
+    present = snapshots.stored_steps(run_dir)
     if not present:
-        raise AnalysisError(f"{run_dir / 'learning_dynamics'} holds no snapshots; train with checkpoint.dynamics.layers "
-                            f"set (default [attention.v,attention.o,swiglu.down]) and checkpoint.every_steps=N")
+        raise AnalysisError(f"{run_dir / 'learning_dynamics'} holds no snapshots; train with "
+                            f"checkpoint.dynamics.layers set (default [attention.v,attention.o,swiglu.down]) and "
+                            f"checkpoint.every_steps=N")
     metrics = list(METRICS) if metrics is None else list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -249,17 +249,18 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
                             f"steps present: {present}")
     config = run_dir / "config.yaml"
     if not config.exists():
-        raise AnalysisError(f"{config} is missing; the analysis reads n_heads / n_kv_heads from it (the trainer writes it)")
+        raise AnalysisError(f"{config} is missing; the analysis reads n_heads / n_kv_heads from it (the trainer "
+                            f"writes it)")
     run_cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
     model = run_cfg["model"]
     out = Path(out).expanduser() if out else run_dir / "analysis"
 
     matrix = [m for m in metrics if m in MATRIX_METRICS]
     acts = [m for m in metrics if m in ACTIVATION_METRICS]
-    target = components(load_dynamics(run_dir, target_step), "activations", "eval", model) if acts else None
+    target = components(snapshots.load(run_dir, target_step), "activations", "eval", model) if acts else None
     results = {m: {} for m in metrics}
     for step in steps:
-        snap = load_dynamics(run_dir, step)
+        snap = snapshots.load(run_dir, step)
         if matrix:
             data = {kind: components(snap, kind, split, model) for kind in ("weights", "gradients")}
             spectra = {kind: {c: singular_values(w) for c, w in comps.items()} for kind, comps in data.items()} \
@@ -267,7 +268,8 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
             for m in matrix:
                 value = (lambda kind, c, w: METRICS[m](w, s=spectra[kind][c])) if m in SPECTRAL else \
                     (lambda kind, c, w: METRICS[m](w))
-                results[m][step] = {kind: {c: value(kind, c, w) for c, w in comps.items()} for kind, comps in data.items()}
+                results[m][step] = {kind: {c: value(kind, c, w) for c, w in comps.items()}
+                                    for kind, comps in data.items()}
         if acts:
             mine = components(snap, "activations", "eval", model)
             for m in acts:
@@ -299,7 +301,8 @@ def log_wandb(results: dict, split: str, run_cfg: dict, run_dir: Path, out: Path
     import wandb
     w = run_cfg.get("wandb", {})
     run = wandb.init(project=w.get("project") or "picojax", entity=w.get("entity"), mode=mode, dir=str(out),
-                     name=f"{run_cfg.get('name', run_dir.name)}-analysis", config=dict(run_dir=str(run_dir), split=split),
+                     name=f"{run_cfg.get('name', run_dir.name)}-analysis",
+                     config=dict(run_dir=str(run_dir), split=split),
                      settings=wandb.Settings(silent=True, console="off"))
     for step in sorted({s for by_step in results.values() for s in by_step}):
         row = {}
@@ -353,7 +356,8 @@ def plot_metric(by_step: dict, path: Path, title: str, log: bool = False):
             for c, (block, style, vals) in lines.items():
                 xs = [s for s in steps if s in vals]
                 ys = [vals[s] if math.isfinite(vals[s]) else np.nan for s in xs]
-                ax.plot(xs, ys, style, color=colors[block], lw=0.8 if layer == "attention.ov" else 1.4, marker=".", ms=3)
+                ax.plot(xs, ys, style, color=colors[block], lw=0.8 if layer == "attention.ov" else 1.4, marker=".",
+                        ms=3)
             ax.set_title(f"{kind}: {layer}", fontsize=9)
             ax.tick_params(labelsize=7)
             if log:
@@ -426,9 +430,7 @@ def parse(argv: list[str]) -> dict:
         raise AnalysisError(f"could not parse {' '.join(argv)}: {str(e).splitlines()[0]}; use key=value "
                             f"(known keys: {list(KEYS)})") from None
     given = {o.key_or_group: o.value() for o in overrides}
-    unknown = sorted(set(given) - set(KEYS))
-    if unknown:
-        raise AnalysisError(f"unknown key(s) {unknown}; known keys: {list(KEYS)}")
+    reject_unknown(given, KEYS, what="key", error=AnalysisError)
     cfg = {**KEYS, **given}
     for key in ("metrics", "compare"):
         if isinstance(cfg[key], str):

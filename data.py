@@ -119,6 +119,11 @@ def builtin_corpus(cache_dir, vocab_size: int = 4096) -> Path:
     return out
 
 
+def data_dir(d) -> Path:
+    """The folder of a run's data (the `data:` block): data.dir, or the built-in corpus, prepared if needed."""
+    return Path(d.dir).expanduser() if d.dir else builtin_corpus(d.cache_dir)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 def open_tokens(path, dtype: str, vocab_size: int, seq_len: int) -> np.memmap:
@@ -126,7 +131,8 @@ def open_tokens(path, dtype: str, vocab_size: int, seq_len: int) -> np.memmap:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist; set data.dir to a folder holding train.bin and valid.bin "
-                        f"(make one with `python data.py prepare --out DIR files...`), or data.dir=null for the built-in corpus")
+                        f"(make one with `python data.py prepare --out DIR files...`), or data.dir=null for the "
+                        f"built-in corpus")
     dt = np.dtype(dtype)
     meta = path.parent / "meta.json"
     if meta.exists():
@@ -140,7 +146,8 @@ def open_tokens(path, dtype: str, vocab_size: int, seq_len: int) -> np.memmap:
     size = path.stat().st_size
     if size % dt.itemsize:
         raise DataError(f"{path} is {size} bytes, not a multiple of {dt.itemsize} ({dt.name} tokens): the file is "
-                        f"truncated or not {dt.name}; check data.token_dtype (uint16, or uint32 for vocabularies > 65536)")
+                        f"truncated or not {dt.name}; check data.token_dtype (uint16, or uint32 for vocabularies "
+                        f"> 65536)")
     n = size // dt.itemsize
     if n < seq_len + 1:
         raise DataError(f"{path} holds {n} tokens, fewer than model.seq_len + 1 = {seq_len + 1}; "
@@ -214,7 +221,8 @@ def n_valid_batches(n_tokens: int, batch_size: int, seq_len: int, max_tokens: in
     n_batches = n_chunks // batch_size
     if n_batches == 0:
         raise DataError(f"{path} holds {n_chunks} sequences of model.seq_len + 1 tokens, fewer than "
-                        f"eval.batch_size={batch_size}; lower eval.batch_size or model.seq_len, or raise eval.max_tokens")
+                        f"eval.batch_size={batch_size}; lower eval.batch_size or model.seq_len, or raise "
+                        f"eval.max_tokens")
     return n_batches
 
 

@@ -26,16 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.flax import load_file as load_flax  # reads bfloat16 too, which numpy cannot hold
+from safetensors.numpy import save_file
 
-import relora
-from model import ConfigError, Decoder, Linear, ModelConfig
+import data
+import train_state
+from checkpoint import CheckpointError
+from config import ConfigError
+from model import BLOCK_LINEARS, Decoder, ModelConfig
 
-# (picojax module path under blocks.<i>, Hugging Face name under model.layers.<i>)
-LINEARS = {
-    "attention.q": "self_attn.q_proj", "attention.k": "self_attn.k_proj", "attention.v": "self_attn.v_proj",
-    "attention.o": "self_attn.o_proj",
-    "swiglu.gate": "mlp.gate_proj", "swiglu.up": "mlp.up_proj", "swiglu.down": "mlp.down_proj",
-}
+# picojax module path under blocks.<i> -> Hugging Face Llama name under model.layers.<i> (model.BLOCK_LINEARS)
+LINEARS = {ours: names[0] for ours, names in BLOCK_LINEARS.items() if names[0]}
 NORMS = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm"}
 
 
@@ -45,7 +46,7 @@ NOT_LLAMA = {"pos_encoding": "rope", "norm_placement": "pre", "norm_type": "rmsn
 
 def check_llama(cfg) -> None:
     """Refuse a model that is not a Llama: another model.kind, or a knob Llama does not have."""
-    if cfg.KIND != "decoder":
+    if not cfg.linears():  # no decoder blocks
         raise ConfigError(f"only model.kind=decoder exports to Hugging Face Llama; this model is model.kind={cfg.KIND}")
     bad = [f"model.{k}={getattr(cfg, k)!r}" for k, ok in NOT_LLAMA.items() if getattr(cfg, k) != ok]
     if bad:
@@ -68,16 +69,6 @@ def hf_config(cfg: ModelConfig) -> dict:
     )
 
 
-def _kernel(linear) -> jax.Array:
-    """A Linear's kernel [in, out]; for a ReLoRA LoRALinear, its merged kernel W + scale (B A)^T, computed by
-    relora's own merge (the model itself is left as it is)."""
-    if isinstance(linear, Linear):
-        return linear.kernel[...]
-    if isinstance(linear, relora.LoRALinear):
-        return linear.merged_kernel()
-    raise TypeError(f"cannot export a {type(linear).__name__} layer: only model.Linear and relora.LoRALinear are known")
-
-
 def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     """The model's weights under Hugging Face Llama names and layouts, as float32 numpy arrays (no lm_head.weight
     with tied embeddings: Llama then reads the embedding)."""
@@ -90,7 +81,8 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
     for i, block in enumerate(model.blocks):
         for ours, theirs in LINEARS.items():
             parent, name = ours.split(".")
-            out[f"model.layers.{i}.{theirs}.weight"] = host(_kernel(getattr(getattr(block, parent), name))).T
+            # a ReLoRA layer's merged kernel W + scale (B A)^T, by relora's own merge (the model stays as it is)
+            out[f"model.layers.{i}.{theirs}.weight"] = host(getattr(getattr(block, parent), name).merged_kernel()).T
         for ours, theirs in NORMS.items():
             out[f"model.layers.{i}.{theirs}.weight"] = host(getattr(block, ours).scale[...])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
@@ -98,7 +90,6 @@ def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
 
 def export_hf(model: Decoder, out_dir) -> Path:
     """Write config.json and model.safetensors, loadable with `LlamaForCausalLM.from_pretrained(out_dir)`."""
-    from safetensors.numpy import save_file
     check_llama(model.cfg)  # before anything is written
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -110,19 +101,18 @@ def export_hf(model: Decoder, out_dir) -> Path:
 def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
     """A Hugging Face Llama checkpoint folder (config.json and one or more *.safetensors) as a picojax Decoder
     with compute dtype `dtype` (parameters are float32, as in training), and its ModelConfig."""
-    from safetensors.flax import load_file  # the flax loader reads bfloat16 too, which numpy cannot hold
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} holds no config.json; point import_hf at a Hugging Face model folder")
     hf = json.loads((path / "config.json").read_text())
-    cfg = model_config(hf, path, dtype)
+    cfg = from_hf_config(hf, path, dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path} holds no *.safetensors weights (PyTorch .bin files: re-save the model with "
                           f"`save_pretrained(dir)`, which writes safetensors)")
     weights = {}
     for f in files:
-        weights.update(load_file(str(f)))
+        weights.update(load_flax(str(f)))
     if hf.get("tie_word_embeddings") and "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # a tied head becomes an untied copy
 
@@ -143,12 +133,13 @@ def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
     flat = []
     for p, v in nnx.to_flat_state(state):
         if v.shape != new[p].shape:
-            raise ConfigError(f"{path}: tensor for {'.'.join(map(str, p))} has shape {new[p].shape}, expected {v.shape}")
+            raise ConfigError(f"{path}: tensor for {'.'.join(map(str, p))} has shape {new[p].shape}, expected "
+                              f"{v.shape}")
         flat.append((p, v.replace(new[p])))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
 
 
-def model_config(hf: dict, path, dtype: str = "float32") -> ModelConfig:
+def from_hf_config(hf: dict, path, dtype: str = "float32") -> ModelConfig:
     """The ModelConfig of a Hugging Face Llama config.json; refuses what the pico-decoder cannot represent."""
     if hf.get("model_type", "llama") != "llama":
         raise ConfigError(f"{path}/config.json: model_type {hf['model_type']!r}; only Llama checkpoints import")
@@ -173,18 +164,16 @@ def model_config(hf: dict, path, dtype: str = "float32") -> ModelConfig:
 
 
 def main(argv=None) -> Path:
-    import checkpoint
-    import data
     p = argparse.ArgumentParser(description="Export a picojax checkpoint as a Hugging Face LlamaForCausalLM folder.")
     p.add_argument("src", help="a run directory (holding checkpoints/) or a checkpoint directory")
     p.add_argument("out", help="output folder: config.json, model.safetensors and the run's tokenizer.json")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     a = p.parse_args(argv)
-    model, cfg, loop = checkpoint.load(a.src, a.step)
+    model, cfg, loop = train_state.load(a.src, a.step)
     out = export_hf(model, a.out)
     # the run's tokenizer, found as the trainer finds its data (`data.py prepare` writes one beside the .bin files),
     # so that AutoTokenizer.from_pretrained(out) works too
-    tok = (Path(cfg.data.dir).expanduser() if cfg.data.dir else data.builtin_corpus(cfg.data.cache_dir)) / "tokenizer.json"
+    tok = data.data_dir(cfg.data) / "tokenizer.json"
     if tok.exists():
         shutil.copy(tok, out / "tokenizer.json")
     print(f"exported step {loop['step']} of {a.src} to {out} (LlamaForCausalLM.from_pretrained({str(out)!r}))")
@@ -192,7 +181,6 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    from checkpoint import CheckpointError
     try:
         main()
     except (ConfigError, CheckpointError) as e:  # bad input: the message says what to fix, no traceback

@@ -9,23 +9,23 @@
         x_t = concat(e(tok_{t-N+1}), ..., e(tok_t))                e = learned embedding [V, M], or one-hot
         h = silu(x_t W_in + b_in), then n_inner times h = silu(h W + b),   logits_t = h W_head
 
-A module of its own, apart from model.py, because model.py is the pico-decoder that checkpoints, export, ReLoRA
-and the learning-dynamics snapshots are built around; these are comparison baselines that share only its
-interface, model.LanguageModel: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32 (and
-the new cache when a cache is given) from their own `features(...)` (what the head reads, and the new cache) and
-`head_kernel()` ([C, V]), `init_cache(batch, length)`, and `.cfg` with `seq_len`. So the trainer's jitted step (the loss fused with the head
-too, model.loss_chunk), `model.generate`, `generate.generate_ids`, `Trainer.sample` and `distinct` use them
-unchanged. The LSTM's cache is
-its (h, c) per layer, left as it is over left-padded positions before `start`; the k-gram model's cache is the
-window of its last N - 1 tokens (-1 = no token). Parameters are replicated: both are data-parallel only (model.py's
-SHARDING table). Dimensions: model.py's legend (M embedding, C hidden, G = 4 C gates, N = k).
+A module of its own, apart from model.py (the pico-decoder that checkpoints, export, ReLoRA and the
+learning-dynamics snapshots are built around), holding these baselines and the registry of every family,
+model.kind -> (frozen config, module): `model_config(block)` and `build_model(cfg, rngs)`. The families share
+model.LanguageModel's interface: `__call__(tokens, cache=None, pos=0, start=None)` -> logits [B, T, V] float32
+from their own `features(...)` and `head_kernel()` ([C, V]), `init_cache(batch, length)`, and `.cfg`; their
+configs answer what the decoder's does (`flops_per_token()`, `linears()`, `param_fields()`, `notes()`). So the
+trainer's step (the loss fused with the head too), `model.generate` and the diversity metrics use them unchanged.
+The LSTM's cache is its (h, c) per layer, left as it is over left-padded positions before `start`; the k-gram
+model's cache is the window of its last N - 1 tokens (-1 = no token). Parameters are replicated: both are
+data-parallel only (model.py's SHARDING table). Dimensions: model.py's legend (M, C, G = 4 C, N = k).
 
 Initialization is PyTorch-like, not model.init_std: embeddings N(0, 1), kernels N(0, 1 / fan_in). Neither family
 has a norm to rescale its activations, so with the decoder's std 0.02 the LSTM's state and the MLP's hidden units
 start near zero and the first hundreds of steps are lost (measured on the built-in corpus).
 """
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model import ConfigError, LanguageModel, dense, normal, param
+from config import ConfigError, reject_unknown
+from model import Decoder, LanguageModel, ModelConfig, dense, normal, param
+
 
 @dataclass(frozen=True)
 class FamilyConfig:
@@ -52,14 +54,24 @@ class FamilyConfig:
         the sub-block are rejected; the decoder's own keys are ignored)."""
         d = dict(d)
         block = dict(d.get(cls.SUB) or {})
-        known = {f.name for f in dataclasses.fields(cls)} - set(SHARED)
-        unknown = sorted(set(block) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {[f'model.{cls.SUB}.{k}' for k in unknown]}; known "
-                              f"model.{cls.SUB} keys: {sorted(known)}")
+        reject_unknown(block, [f.name for f in dataclasses.fields(cls) if f.name not in SHARED],
+                       f"model.{cls.SUB}.")
         cfg = cls(**{k: d[k] for k in SHARED if k in d}, **block)
         cfg.validate()
         return cfg
+
+    def linears(self) -> tuple[str, ...]:
+        """Decoder block layers (model.BLOCK_LINEARS) this family has: none."""
+        return ()
+
+    def param_fields(self) -> dict:
+        """The fields that define the parameters, by config key (`lstm.d_hidden`), with `kind`."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dtype", "loss_chunk")}
+        return dict(kind=self.KIND, **{(k if k in SHARED else f"{self.SUB}.{k}"): v
+                                       for k, v in fields.items()})
+
+    def notes(self) -> list[str]:
+        return []
 
     def check_positive(self, keys):
         for key in keys:
@@ -84,6 +96,12 @@ class LSTMConfig(FamilyConfig):
     def validate(self):
         self.check_positive(("d_embed", "d_hidden", "n_layers"))
 
+    def flops_per_token(self) -> float:
+        """6 x matmul params: the gates' input and recurrent kernels and the head (the embedding is
+        a lookup)."""
+        M, C = self.d_embed, self.d_hidden
+        return 6 * (4 * C * (M + C) + (self.n_layers - 1) * 4 * C * 2 * C + C * self.vocab_size)
+
 
 @dataclass(frozen=True)
 class KGramConfig(FamilyConfig):
@@ -101,8 +119,14 @@ class KGramConfig(FamilyConfig):
         if self.embedding not in ("learned", "onehot"):
             raise ConfigError(f"model.kgram.embedding={self.embedding!r}; use one of ['learned', 'onehot']")
 
+    def flops_per_token(self) -> float:
+        """6 x matmul params: the first layer (a sum of rows for one-hot input: no matmul), the
+        inner layers and the head."""
+        first = self.k * self.d_embed * self.d_hidden if self.embedding == "learned" else 0
+        return 6 * (first + self.n_inner * self.d_hidden ** 2 + self.d_hidden * self.vocab_size)
 
-def _kernel(rngs, shape, sharding, fan_in: int):
+
+def init_kernel(rngs, shape, sharding, fan_in: int):
     """N(0, 1 / fan_in): unit-variance outputs for unit-variance inputs (fan_in 1: an embedding, N(0, 1))."""
     return param(normal(1 / math.sqrt(fan_in))(rngs.params(), shape, jnp.float32), sharding)
 
@@ -114,8 +138,8 @@ def _zeros(shape, sharding):
 class LSTMLayer(nnx.Module):
     def __init__(self, d_in: int, cfg: LSTMConfig, rngs: nnx.Rngs, in_sharding: str):
         C = cfg.d_hidden
-        self.w_in = _kernel(rngs, (d_in, 4 * C), in_sharding, d_in)   # [M or C, G]
-        self.w_rec = _kernel(rngs, (C, 4 * C), "lstm_rec_CG", C)      # [C, G]
+        self.w_in = init_kernel(rngs, (d_in, 4 * C), in_sharding, d_in)   # [M or C, G]
+        self.w_rec = init_kernel(rngs, (C, 4 * C), "lstm_rec_CG", C)      # [C, G]
         # forget-gate bias 1 (Jozefowicz et al. 2015): remember by default at the start of training
         self.bias = param(jnp.zeros((4 * C,), jnp.float32).at[C:2 * C].set(1.0), "lstm_bias_G")
         self.dtype = jnp.dtype(cfg.dtype)
@@ -143,10 +167,10 @@ class LSTMLayer(nnx.Module):
 class LSTM(LanguageModel):
     def __init__(self, cfg: LSTMConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _kernel(rngs, (cfg.vocab_size, cfg.d_embed), "lstm_embed_VM", 1)
+        self.embed = init_kernel(rngs, (cfg.vocab_size, cfg.d_embed), "lstm_embed_VM", 1)
         self.layers = nnx.List([LSTMLayer(cfg.d_embed if i == 0 else cfg.d_hidden, cfg, rngs,
                                           "lstm_in_MG" if i == 0 else "lstm_in_CG") for i in range(cfg.n_layers)])
-        self.head = _kernel(rngs, (cfg.d_hidden, cfg.vocab_size), "lstm_head_CV", cfg.d_hidden)
+        self.head = init_kernel(rngs, (cfg.d_hidden, cfg.vocab_size), "lstm_head_CV", cfg.d_hidden)
 
     def head_kernel(self):  # [C, V]
         return self.head[...]
@@ -166,9 +190,9 @@ class LSTM(LanguageModel):
             new.append(state)
         return x, None if cache is None else new
 
-    def init_cache(self, batch: int, length: int = 0, dtype=None):
-        """The zero state, (h, c) per layer, each [B, C] float32 (the state is carried in float32 whatever the
-        compute dtype; `length` and `dtype` are there for the decoder's interface)."""
+    def init_cache(self, batch: int, length: int):
+        """The zero state, (h, c) per layer, each [B, C] float32 whatever the compute dtype. A state
+        holds no positions: `length` (the positions a decoder's KV cache holds) changes nothing."""
         zeros = jnp.zeros((batch, self.cfg.d_hidden), jnp.float32)
         return [(zeros, zeros) for _ in range(self.cfg.n_layers)]
 
@@ -178,14 +202,14 @@ class KGramMLP(LanguageModel):
         self.cfg = cfg
         N, M, C, V = cfg.k, cfg.d_embed, cfg.d_hidden, cfg.vocab_size
         if cfg.embedding == "learned":
-            self.embed = _kernel(rngs, (V, M), "kgram_embed_VM", 1)
-            self.w_in = _kernel(rngs, (N * M, C), "kgram_in_XC", N * M)
+            self.embed = init_kernel(rngs, (V, M), "kgram_embed_VM", 1)
+            self.w_in = init_kernel(rngs, (N * M, C), "kgram_in_XC", N * M)
         else:  # one-hot: x_t W_in with x_t = concat of N one-hot vectors is a sum of N rows of W_in [N, V, C]
-            self.w_in = _kernel(rngs, (N, V, C), "kgram_onehot_NVC", N)  # N ones in the input
+            self.w_in = init_kernel(rngs, (N, V, C), "kgram_onehot_NVC", N)  # N ones in the input
         self.b_in = _zeros((C,), "kgram_bias_C")
-        self.hidden = nnx.List([_kernel(rngs, (C, C), "kgram_hidden_CC", C) for _ in range(cfg.n_inner)])
+        self.hidden = nnx.List([init_kernel(rngs, (C, C), "kgram_hidden_CC", C) for _ in range(cfg.n_inner)])
         self.hidden_bias = nnx.List([_zeros((C,), "kgram_bias_C") for _ in range(cfg.n_inner)])
-        self.head = _kernel(rngs, (C, V), "kgram_head_CV", C)
+        self.head = init_kernel(rngs, (C, V), "kgram_head_CV", C)
 
     def head_kernel(self):  # [C, V]
         return self.head[...]
@@ -197,7 +221,7 @@ class KGramMLP(LanguageModel):
         c = self.cfg
         B, T = tokens.shape
         dtype = jnp.dtype(c.dtype)
-        before = self.init_cache(B) if cache is None else cache  # [B, N - 1]
+        before = self.init_cache(B, 0) if cache is None else cache  # [B, N - 1]
         if start is not None:
             tokens = jnp.where((pos + jnp.arange(T))[None, :] >= start[:, None], tokens, -1)
         ext = jnp.concatenate([before, tokens.astype(jnp.int32)], axis=1)  # [B, N - 1 + T]
@@ -215,6 +239,24 @@ class KGramMLP(LanguageModel):
             h = jax.nn.silu(dense(h, w[...].astype(dtype)) + b[...].astype(dtype))
         return h, None if cache is None else ext[:, ext.shape[1] - (c.k - 1):]
 
-    def init_cache(self, batch: int, length: int = 0, dtype=None):
-        """An empty window: N - 1 slots of no token (-1), [B, N - 1] int32."""
+    def init_cache(self, batch: int, length: int):
+        """An empty window: N - 1 slots of no token (-1), [B, N - 1] int32, whatever `length`."""
         return jnp.full((batch, self.cfg.k - 1), -1, jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- the registry
+
+# model.kind -> (its frozen config, its module); every module has model.LanguageModel's interface
+FAMILIES = {"decoder": (ModelConfig, Decoder), "lstm": (LSTMConfig, LSTM), "kgram_mlp": (KGramConfig, KGramMLP)}
+
+
+def model_config(block) -> ModelConfig | LSTMConfig | KGramConfig:
+    """The frozen config of a `model:` block's family (model.kind; absent in old checkpoints: decoder)."""
+    kind = block.get("kind") or "decoder"
+    if kind not in FAMILIES:
+        raise ConfigError(f"model.kind={kind!r}; use one of {list(FAMILIES)}")
+    return FAMILIES[kind][0].from_dict(block)
+
+
+def build_model(cfg, rngs: nnx.Rngs) -> LanguageModel:
+    return FAMILIES[cfg.KIND][1](cfg, rngs)

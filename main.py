@@ -11,10 +11,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+import config
+import host
 import train
 from checkpoint import CheckpointError
 from data import DataError
-from model import ConfigError
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="local")
@@ -25,9 +26,9 @@ def main(cfg):
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         cfg.run_dir = hc.runtime.output_dir  # each job its own run (multirun/<date>/<time>/<job>), not runs/<name>
     try:
-        train.init_distributed(cfg.distributed)
+        host.init_distributed(cfg.distributed)
         train.run(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:  # bad input: the message says what to fix, no traceback
+    except (config.ConfigError, DataError, CheckpointError) as e:  # bad input: the message says what to fix
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.TrainingError as e:  # e.g. a NaN loss; the last good checkpoint is named
@@ -36,5 +37,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    train.reuse_host_memory()  # a restart, before jax starts: on CPU, each step reuses the last one's memory
+    host.reuse_host_memory()  # a restart, before jax starts: on CPU, each step reuses the last one's memory
+    config.register_resolvers()  # base.yaml's ${mul:...}, before Hydra hands over the config
     main()

@@ -7,7 +7,7 @@
 Research knobs (ModelConfig; the defaults above are the pico-decoder): positions `pos_encoding` rope | absolute |
 none, `norm_placement` pre | post (post: h = Norm(x + Attn(x)), out = Norm(h + MLP(h)), the original Transformer),
 `norm_type` rmsnorm | layernorm, `mlp` swiglu | gelu, `tie_embeddings` (logits = x @ embed^T), `qk_norm`
-(RMSNorm of each query and key head before RoPE) and `z_loss` (a loss term, train.loss_fn).
+(RMSNorm of each query and key head before RoPE) and `z_loss` (a loss term, loss.py).
 
 Dimensions, used in every shape comment and einsum string:
     B batch, T time (queries), S time (keys / cache), D d_model, H query heads, K kv heads,
@@ -17,12 +17,17 @@ Dimensions, used in every shape comment and einsum string:
 """
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+
+from config import ConfigError, reject_unknown
 
 # One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
 # (names carry the dims); everything is replicated over `data`. The batch is split over both axes.
@@ -37,15 +42,16 @@ SHARDING = {
     "norm_D": (None,),
     "norm_E": (None,),           # QK-norm scales, shared by the heads
     "pos_TD": (None, "fsdp"),    # learned absolute positions
-    # ReLoRA factors (relora.py) follow their layer's kernel: A [R, in] is sharded where the input is D, B [out, R]
-    # where the output is D; the factors of the non-D side (X = H*E or K*E, F) are small and replicated.
+    # ReLoRA factors (relora.py) follow their layer's kernel: A [R, in] is sharded where the input
+    # is D, B [out, R] where the output is D; those of the non-D side (X = H*E or K*E, F) are small
+    # and replicated.
     "lora_a_RD": (None, "fsdp"),     # q, k, v, gate, up
     "lora_a_RX": (None, None),       # o (X in), down (F in)
     "lora_b_XR": (None, None),       # q, k, v (X out), gate, up (F out)
     "lora_b_DR": ("fsdp", None),     # o, down
     "lora_s": (),                    # trainable scale
-    # The LSTM and k-gram families (families.py) are data-parallel only: their parameters are replicated (a few
-    # million parameters; their widths need not divide the device count). The batch is still split over both axes.
+    # The LSTM and k-gram families (families.py) are data-parallel only: their parameters are
+    # replicated (a few million; their widths need not divide the device count).
     "lstm_embed_VM": (None, None),
     "lstm_in_MG": (None, None),      # first layer; later layers read C: "lstm_in_CG"
     "lstm_in_CG": (None, None),
@@ -61,16 +67,26 @@ SHARDING = {
 }
 BATCH_AXES = ("data", "fsdp")
 
+# A block's linear layers, the one table of their names: picojax path under blocks.<i> ->
+# (Hugging Face Llama name under model.layers.<i>, pico-train name under layers.<i>). Learning
+# dynamics, ReLoRA targets and export read it; the GELU MLP (model.mlp=gelu) has neither name.
+BLOCK_LINEARS = {
+    "attention.q": ("self_attn.q_proj", "attention.q_proj"),
+    "attention.k": ("self_attn.k_proj", "attention.k_proj"),
+    "attention.v": ("self_attn.v_proj", "attention.v_proj"),
+    "attention.o": ("self_attn.o_proj", "attention.o_proj"),
+    "swiglu.gate": ("mlp.gate_proj", "swiglu.w_0"),
+    "swiglu.up": ("mlp.up_proj", "swiglu.w_1"),
+    "swiglu.down": ("mlp.down_proj", "swiglu.w_2"),
+    "mlp.up": (None, None),
+    "mlp.down": (None, None),
+}
 
 NO_REMAT = object()
-# model.remat: what a block keeps for the backward pass. block: nothing (all recomputed, least memory, ~1/3 more
-# FLOPs); dots: the outputs of its weight matmuls (the elementwise ops and attention are recomputed).
+# model.remat: what a block keeps for the backward pass. block: nothing (all recomputed, least
+# memory, ~1/3 more FLOPs); dots: the outputs of its weight matmuls (the rest is recomputed).
 REMAT_POLICIES = {"none": NO_REMAT, "block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message names the key and the fix."""
 
 
 @dataclass(frozen=True)
@@ -88,9 +104,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype; params stay float32
     attention: str = "auto"  # auto (cuDNN on GPUs, else xla) | xla (blockwise_attention) | cudnn
-    remat: str = "none"  # activation rematerialisation per block: none | block | dots (REMAT_POLICIES)
+    remat: str = "none"  # activation rematerialisation per block: none | block | dots
     scan_layers: bool = False  # lax.scan over the blocks (compile time independent of depth)
-    loss_chunk: int = 0  # tokens per chunk of the cross-entropy fused with the head (train.fused_cross_entropy); 0 = off
+    loss_chunk: int = 0  # tokens per chunk of the loss fused with the head (loss.py); 0 = off
     # research knobs; the defaults are the pico-decoder
     pos_encoding: str = "rope"      # rope | absolute (learned [seq_len, D]) | none
     norm_placement: str = "pre"     # pre | post
@@ -98,24 +114,19 @@ class ModelConfig:
     mlp: str = "swiglu"             # swiglu | gelu
     tie_embeddings: bool = False    # logits = x @ embed^T, no head
     qk_norm: bool = False           # RMSNorm of queries and keys per head, before RoPE
-    z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the training loss (PaLM); 0 = off
+    z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the loss (PaLM); 0 = off
 
-    # `kind` picks the family (train.build_model), `lstm` / `kgram` configure the others, `relora` is read by
-    # relora.py: none of them is a decoder field
-    NOT_DECODER = ("kind", "lstm", "kgram", "relora")
-
-    def __post_init__(self):
-        if isinstance(self.remat, bool):  # configs and checkpoints from before the policies: false / true
-            object.__setattr__(self, "remat", "block" if self.remat else "none")
+    # `kind` picks the family (families.py), `lstm` / `kgram` configure the others, `relora` is
+    # read by relora.py: none of them is a decoder field
+    NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora")
+    # fields that change how the model runs, not its parameters: a checkpoint loads under others
+    RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk")
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
         """Build from the `model:` config block, rejecting unknown keys."""
-        known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in dict(d).items() if k not in cls.NOT_DECODER}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {['model.' + k for k in unknown]}; known model keys: {sorted(known)}")
+        reject_unknown(d, [f.name for f in dataclasses.fields(cls)], "model.")
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -123,6 +134,44 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def mlp_block(self) -> str:
+        """The block's MLP attribute: `swiglu` (gate, up, down) or `mlp` (the GELU MLP: up, down)."""
+        return "swiglu" if self.mlp == "swiglu" else "mlp"
+
+    def linears(self) -> tuple[str, ...]:
+        """This decoder's block layers (BLOCK_LINEARS names): attention's and its MLP's."""
+        return tuple(k for k in BLOCK_LINEARS if k.split(".")[0] in ("attention", self.mlp_block))
+
+    def param_fields(self) -> dict:
+        """The fields that define the parameters (config key -> value), with `kind`."""
+        fields = dataclasses.asdict(self)
+        return dict(kind=self.KIND, **{k: v for k, v in fields.items() if k not in self.RUNTIME})
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 x matmul params (forward 2, backward 4; the embedding lookup
+        is no matmul, a tied head is one), plus attention scores and values, 6 L T D (12 L T D
+        halved by the causal mask). Norms and activations are left out."""
+        attn = self.d_model * (2 * self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        mlp = (3 if self.mlp == "swiglu" else 2) * self.d_model * self.d_hidden
+        matmul_params = self.n_layers * (attn + mlp) + self.d_model * self.vocab_size
+        return 6 * matmul_params + 6 * self.n_layers * self.seq_len * self.d_model
+
+    def attention_impl(self) -> tuple[str, str]:
+        """Which attention runs here, cudnn or xla, and why: model.attention, or with auto the platform, dtype and
+        head dim against cuDNN flash attention's limits."""
+        if self.attention != "auto":
+            return self.attention, f"model.attention={self.attention}"
+        gpu, dtype, e = platform(), self.dtype, self.head_dim
+        why = (f"cuDNN flash attention needs an NVIDIA GPU, this is {gpu}" if gpu != "gpu" else
+               f"cuDNN flash attention needs bf16 / fp16, model.dtype={dtype}" if dtype not in ("bfloat16", "float16")
+               else f"cuDNN needs a head dim <= 256 and a multiple of 8, not {e}" if e % 8 or e > 256 else None)
+        return ("xla", f"auto: {why}") if why else ("cudnn", "auto: a GPU, bf16 / fp16 and a head dim cuDNN takes")
+
+    def notes(self) -> list[str]:
+        """What the start-up log says about how this model runs."""
+        return ["attention: %s (%s)" % self.attention_impl()]
 
     def validate(self):
         if self.d_model % self.n_heads:
@@ -142,9 +191,9 @@ class ModelConfig:
             raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU and model.dtype bfloat16 or float16 (cuDNN "
                               f"flash attention); here: {platform()}, {self.dtype}. Use model.attention=auto (cuDNN "
                               f"where it can, else XLA) or xla")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"model.remat={self.remat!r}; use one of {list(REMAT_POLICIES)} (true / false mean "
-                              "block / none)")
+        if not isinstance(self.remat, str) or self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat={self.remat!r}; use one of {list(REMAT_POLICIES)} (an old true / false "
+                              "is block / none)")
         if self.loss_chunk < 0:
             raise ConfigError(f"model.loss_chunk={self.loss_chunk}; use 0 (off) or a number of tokens, e.g. 1024")
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
@@ -164,10 +213,14 @@ def param(value, sharding: str, kind: type[nnx.Variable] = nnx.Param) -> nnx.Var
     return kind(value, out_sharding=SHARDING[sharding], eager_sharding=not jax.sharding.get_abstract_mesh().empty)
 
 
+def platform() -> str:
+    return jax.devices()[0].platform
+
+
 class Linear(nnx.Module):
     """y = x @ W, no bias; W [in, out] kept in float32 and cast to the compute dtype."""
 
-    def __init__(self, d_in: int, d_out: int, sharding: str, cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None):
+    def __init__(self, d_in: int, d_out: int, sharding: str, cfg: ModelConfig, rngs: nnx.Rngs, std=None):
         init = normal(cfg.init_std if std is None else std)
         self.kernel = param(init(rngs.params(), (d_in, d_out), jnp.float32), sharding)
         self.dtype = jnp.dtype(cfg.dtype)
@@ -175,11 +228,15 @@ class Linear(nnx.Module):
     def __call__(self, x):  # [..., in] -> [..., out]
         return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
+    def merged_kernel(self):
+        """The kernel [in, out] this layer computes with (relora.LoRALinear answers the same)."""
+        return self.kernel[...]
+
 
 def dense(x, w):
-    """x [..., in] @ w [in, out] as one 2-D matmul [N, in] @ [in, out]: with a 3-D x, XLA:CPU forms the weight
-    gradient through a slow transposing copy of the output gradient (the SwiGLU step ran 2x slower;
-    benchmarks/RESULTS.md). Free elsewhere."""
+    """x [..., in] @ w [in, out] as one 2-D matmul [N, in] @ [in, out]: with a 3-D x, XLA:CPU forms
+    the weight gradient through a slow transposing copy of the output gradient (benchmarks/
+    RESULTS.md). Free elsewhere."""
     y = x.reshape(-1, x.shape[-1]) @ w
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
@@ -222,18 +279,18 @@ def rope_tables(positions, head_dim: int, theta: float):
     return jnp.sin(angles), jnp.cos(angles)
 
 
-def apply_rope(x, sin, cos):
-    """Rotate halves (x[:E/2], x[E/2:]), the Hugging Face Llama convention, so export needs no permutation.
-    x [B, T, N, E]; sin, cos [B, T, E/2]."""
+def apply_rope(x, rope):
+    """Rotate halves (x[:E/2], x[E/2:]), the Hugging Face Llama convention, so export needs no
+    permutation. x [B, T, N, E]; rope = (sin, cos), each [B, T, E/2]."""
+    sin, cos = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    sin, cos = sin[:, :, None, :], cos[:, :, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         D, H, K, E = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections by depth
         self.q = Linear(D, H * E, "q_DX", cfg, rngs)
         self.k = Linear(D, K * E, "kv_DX", cfg, rngs)
         self.v = Linear(D, K * E, "kv_DX", cfg, rngs)
@@ -243,10 +300,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(cfg, E, "norm_E")
         self.cfg = cfg
 
-    def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
-        """x [B, T, D]. Without a cache: causal self-attention. With a cache (k, v each [B, S, K, E]),
-        the T new tokens sit at positions pos..pos+T-1 and attend to every cached position up to their own,
-        from start [B] on when given (row b left-padded up to start[b])."""
+    def __call__(self, x, rope, cache=None, pos=None, start=None):
+        """x [B, T, D]; rope: (sin, cos) or None. Without a cache: causal self-attention. With a
+        cache (k, v each [B, S, K, E]), the T new tokens sit at positions pos..pos+T-1 and attend
+        to every cached position up to their own, from start [B] on when given (row b left-padded
+        up to start[b])."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)  # [B, T, H, E]
@@ -254,17 +312,17 @@ class Attention(nnx.Module):
         v = self.v(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if cfg.pos_encoding == "rope":
-            q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
-            out = causal_attention(q, k, v, cfg.attention)
+            out = causal_attention(q, k, v, cfg)
         else:
             k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, pos, 0, 0))
             v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, pos, 0, 0))
             S = k_cache.shape[1]
             q_pos, k_pos = pos + jnp.arange(T), jnp.arange(S)
             mask = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
-            if start is not None:  # a pad sees only itself: no softmax row is empty, so no NaN reaches the cache
+            if start is not None:  # a pad sees only itself: no softmax row is empty, so no NaN
                 mask = mask & ((k_pos >= start[:, None, None]) | (k_pos == q_pos[:, None]))  # [B, T, S]
             out = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
                                                mask=mask[:, None], implementation="xla")
@@ -272,44 +330,42 @@ class Attention(nnx.Module):
         return self.o(out.reshape(B, T, -1)), cache
 
 
-def platform() -> str:
-    return jax.devices()[0].platform
-
-
-def causal_attention(q, k, v, attention: str):
-    """Causal self-attention; q [B, T, H, E], k, v [B, T, K, E]; GQA: query head h reads kv head h // (H / K).
-    model.attention=auto takes cuDNN flash attention on GPUs for bf16 / fp16 (jax.nn.dot_product_attention; in jax
-    0.10 its own default, implementation=None, always takes the XLA path) and falls back to blockwise_attention when
-    cuDNN refuses the shapes, dtype or version at trace time; cudnn insists (ModelConfig.validate checks the
-    platform); xla never tries cuDNN."""
-    if attention == "auto" and platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+def causal_attention(q, k, v, cfg: ModelConfig):
+    """Causal self-attention; q [B, T, H, E], k, v [B, T, K, E]; GQA: query head h reads kv head
+    h // (H / K). cuDNN flash attention (jax.nn.dot_product_attention; in jax 0.10 its default,
+    implementation=None, always takes XLA) where ModelConfig.attention_impl says so, else
+    blockwise_attention. With model.attention=auto, shapes cuDNN still refuses at trace time (a
+    sequence length, a cuDNN version) fall back to blockwise_attention with a warning that says so."""
+    impl, _ = cfg.attention_impl()
+    if impl == "cudnn" and cfg.attention == "auto":
         try:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        except Exception:  # unsupported head dim, sequence length, cuDNN version...: the XLA path below
-            pass
-    if attention == "cudnn":
+        except Exception as e:  # jax raises several types for a refused shape; the reason is kept
+            warnings.warn(f"model.attention=auto: cuDNN refused q {q.shape} {q.dtype} "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); attention runs "
+                          "on XLA (model.blockwise_attention)", stacklevel=2)
+    elif impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return blockwise_attention(q, k, v)
 
 
 def blockwise_attention(q, k, v, min_block=128, max_blocks=8):
-    """Causal attention in plain XLA ops, one block of queries at a time: the block ending at query t reads keys
-    0..t only, so the masked upper triangle of the T x T scores (half the attention FLOPs) is mostly never computed.
-    Softmax in float32. On XLA:CPU, forward and backward, it is 1.4-1.6x (seq 256, 512) to 2.3x (seq 2048) faster
-    than jax.nn.dot_product_attention's XLA path, which computes and masks every score (benchmarks/RESULTS.md).
-    Blocks of >= min_block queries, at most max_blocks of them: each is unrolled into the graph, and smaller ones
-    did not pay for their compile time (picodo2: 4 blocks as fast as 8, compiled in 4.5 s instead of 7.5 s)."""
+    """Causal attention in plain XLA ops, one block of queries at a time: the block ending at query
+    t reads keys 0..t only, so the masked upper triangle of the T x T scores (half the attention
+    FLOPs) is mostly never computed. Softmax in float32. Blocks of >= min_block queries, at most
+    max_blocks of them, since each is unrolled into the graph (timings: benchmarks/RESULTS.md)."""
     B, T, H, E = q.shape
     K = k.shape[2]
     n = max(1, min(max_blocks, T // min_block))
     size = -(-T // n)
-    q = q.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)  # [B, K, H/K, T, E]: the heads that share a kv head
+    q = q.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)  # [B, K, H/K, T, E]: a kv head's
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, E]
     out = []
     for lo in range(0, T, size):
         hi = min(T, lo + size)
-        s = jnp.einsum("bkhte,bkse->bkhts", q[:, :, :, lo:hi], k[:, :, :hi], preferred_element_type=jnp.float32)
-        causal = jnp.arange(hi) <= jnp.arange(lo, hi)[:, None]  # [t, s]: query lo + t sees keys up to itself
+        s = jnp.einsum("bkhte,bkse->bkhts", q[:, :, :, lo:hi], k[:, :, :hi],
+                       preferred_element_type=jnp.float32)
+        causal = jnp.arange(hi) <= jnp.arange(lo, hi)[:, None]  # [t, s]: query lo + t sees <= itself
         p = jax.nn.softmax(jnp.where(causal, s / math.sqrt(E), -jnp.inf), axis=-1)
         out.append(jnp.einsum("bkhts,bkse->bkhte", p.astype(v.dtype), v[:, :, :hi]))
     return jnp.concatenate(out, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
@@ -341,39 +397,37 @@ class GeluMLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm (default): h = x + Attn(Norm(x)), out = h + MLP(Norm(h)).
     Post-norm (Vaswani et al. 2017): h = Norm(x + Attn(x)), out = Norm(h + MLP(h)).
-    The SwiGLU MLP and its norm are `swiglu` / `swiglu_norm` (the pico names, which checkpoints, export and ReLoRA
-    know); the GELU MLP and its norm are `mlp` / `mlp_norm`."""
+    The MLP and its norm sit at `<cfg.mlp_block>` and `<cfg.mlp_block>_norm`: swiglu (the pico
+    names, which checkpoints, export and ReLoRA know) or mlp (the GELU MLP)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.post = cfg.norm_placement == "post"
+        self.cfg = cfg
         self.attention_norm = Norm(cfg)
         self.attention = Attention(cfg, rngs)
-        self.gelu = cfg.mlp == "gelu"
-        if self.gelu:
-            self.mlp_norm, self.mlp = Norm(cfg), GeluMLP(cfg, rngs)
-        else:
-            self.swiglu_norm, self.swiglu = Norm(cfg), SwiGLU(cfg, rngs)
+        setattr(self, f"{cfg.mlp_block}_norm", Norm(cfg))
+        setattr(self, cfg.mlp_block, SwiGLU(cfg, rngs) if cfg.mlp == "swiglu" else GeluMLP(cfg, rngs))
 
-    def __call__(self, x, sin, cos, cache=None, pos=None, start=None):
-        mlp, mlp_norm = (self.mlp, self.mlp_norm) if self.gelu else (self.swiglu, self.swiglu_norm)
-        if self.post:
-            a, cache = self.attention(x, sin, cos, cache, pos, start)
+    def __call__(self, x, rope, cache=None, pos=None, start=None):
+        mlp, mlp_norm = getattr(self, self.cfg.mlp_block), getattr(self, f"{self.cfg.mlp_block}_norm")
+        if self.cfg.norm_placement == "post":
+            a, cache = self.attention(x, rope, cache, pos, start)
             h = self.attention_norm(x + a)
             return mlp_norm(h + mlp(h)), cache
-        a, cache = self.attention(self.attention_norm(x), sin, cos, cache, pos, start)
+        a, cache = self.attention(self.attention_norm(x), rope, cache, pos, start)
         h = x + a
         return h + mlp(mlp_norm(h)), cache
 
 
 class LanguageModel(nnx.Module):
-    """What every model family shares: logits = features(tokens) @ head_kernel(). A family gives `features` (what
-    the head reads, [B, T, X] in the compute dtype, and the new cache or state), `head_kernel` ([X, V]) and
-    `init_cache`; train.loss_fn can then also fuse the head with the loss (model.loss_chunk)."""
+    """What every model family shares: logits = features(tokens) @ head_kernel(). A family gives
+    `features` (what the head reads, [B, T, X] in the compute dtype, and the new cache or state),
+    `head_kernel` ([X, V]) and `init_cache(batch, length)`; loss.py can then also fuse the head
+    with the loss (model.loss_chunk)."""
 
     def __call__(self, tokens, cache=None, pos=0, start=None):
-        """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the tokens sit at
-        positions pos..pos+T-1 and the updated cache is returned too; with start [B] as well, row b is left-padded
-        up to start[b] and the padding does not count (see `features`)."""
+        """tokens [B, T] int -> logits [B, T, V] float32. With `cache` (see `init_cache`), the
+        tokens sit at positions pos..pos+T-1 and the updated cache is returned too; with start [B]
+        as well, row b is left-padded up to start[b] and the padding does not count."""
         h, new_cache = self.features(tokens, cache, pos, start)
         logits = dense(h, self.head_kernel().astype(h.dtype)).astype(jnp.float32)  # [B, T, V]
         return logits if cache is None else (logits, new_cache)
@@ -382,84 +436,84 @@ class LanguageModel(nnx.Module):
 class Decoder(LanguageModel):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = param(normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
-                           "embed_VD")
+        init = normal(cfg.init_std)
+        self.embed = param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32), "embed_VD")
         if cfg.pos_encoding == "absolute":  # learned, GPT-2 style
-            self.pos_embed = param(normal(cfg.init_std)(rngs.params(), (cfg.seq_len, cfg.d_model), jnp.float32),
-                                   "pos_TD")
+            self.pos_embed = param(init(rngs.params(), (cfg.seq_len, cfg.d_model), jnp.float32), "pos_TD")
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         if cfg.norm_placement == "pre":
-            # post-norm has none: every block already ends in a norm, so a final one would only add a second,
-            # redundant scale (the original Transformer has none either)
+            # post-norm has none: every block already ends in a norm, so a final one would only
+            # add a second, redundant scale (the original Transformer has none either)
             self.norm = Norm(cfg)
         if not cfg.tie_embeddings:
-            self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)  # untied from the embedding
+            self.head = Linear(cfg.d_model, cfg.vocab_size, "head_DV", cfg, rngs)
 
     def head_kernel(self):
         """The output projection [D, V]: the head's kernel, or the embedding's transpose when tied."""
         return self.embed[...].T if self.cfg.tie_embeddings else self.head.kernel[...]
 
     def features(self, tokens, cache=None, pos=0, start=None):
-        """What the head reads, [B, T, D] in the compute dtype (the final norm's output; post-norm: the last block's),
-        and the new KV cache (None without one). Left padding (start) is masked out and the positions of a row
-        count from its start."""
+        """What the head reads, [B, T, D] in the compute dtype (the final norm's output; post-norm:
+        the last block's), and the new KV cache (None without one). Left padding (start) is masked
+        out and the positions of a row count from its start."""
         B, T = tokens.shape
         c = self.cfg
         x = self.embed[...].astype(c.dtype)[tokens]  # [B, T, D]
         positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
         if start is not None:
             positions = positions - start[:, None]
-        if c.pos_encoding == "absolute":  # pads (negative positions) read row 0; attention masks them anyway
+        if c.pos_encoding == "absolute":  # pads (negative positions) read row 0; attention masks them
             x = x + self.pos_embed[...].astype(c.dtype)[jnp.clip(positions, 0, c.seq_len - 1)]
-        sin, cos = rope_tables(positions, c.head_dim, c.rope_theta)  # unused unless pos_encoding=rope
+        rope = rope_tables(positions, c.head_dim, c.rope_theta) if c.pos_encoding == "rope" else None
         if cache is None:
-            x, new_cache = self.run_blocks(x, sin, cos), None
+            x, new_cache = self.run_blocks(x, rope), None
         else:
             new_cache = []
             for i, block in enumerate(self.blocks):
-                x, cache_i = block(x, sin, cos, cache[i], pos, start)
+                x, cache_i = block(x, rope, cache[i], pos, start)
                 new_cache.append(cache_i)
         return (self.norm(x) if c.norm_placement == "pre" else x), new_cache
 
-    def run_blocks(self, x, sin, cos):
-        """The blocks without a cache (training, evaluation), with the model.remat policy; with model.scan_layers, one
-        lax.scan over the blocks' stacked states, so the step compiles one block instead of L. The parameters keep
-        their per-block layout (checkpoints, export, ReLoRA and learning-dynamics paths are unchanged); stacking
-        them copies them once per step. Learning-dynamics capture (nnx.capture) and blocks that differ (ReLoRA
-        layers carry their index) use the Python loop."""
+    def run_blocks(self, x, rope):
+        """The blocks without a cache (training, evaluation), with the model.remat policy. With
+        model.scan_layers, one lax.scan over the blocks' stacked states, so the step compiles one
+        block instead of L; the parameters keep their per-block layout, and stacking copies them
+        once per step. Blocks that differ (ReLoRA layers carry their index) use the Python loop,
+        and so does the learning-dynamics capture (dynamics.py runs a view with scan_layers off)."""
         policy = REMAT_POLICIES[self.cfg.remat]
-        apply = lambda block, x: block(x, sin, cos)[0]
-        if self.cfg.scan_layers and not hasattr(self, "__captures__"):
+        apply = lambda block, x: block(x, rope)[0]
+        if self.cfg.scan_layers:
             splits = [nnx.split(block) for block in self.blocks]
             graphdef = splits[0][0]
             if all(g == graphdef for g, _ in splits):
                 def body(x, state):
                     return apply(nnx.merge(graphdef, state), x), None
                 if policy is not NO_REMAT:
-                    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan already blocks CSE
-                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in splits))  # [L, ...]
+                    body = jax.checkpoint(body, policy=policy, prevent_cse=False)  # scan blocks CSE
+                stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(s for _, s in splits))  # [L, ...]
                 return jax.lax.scan(body, x, stacked)[0]
         if policy is not NO_REMAT:
-            # graph_updates=False: a block changes no state, and write-backs would fail on variables that are
-            # not differentiated (ReLoRA's frozen W) since they come from outside the gradient's trace
+            # graph_updates=False: a block changes no state, and write-backs would fail on
+            # variables that are not differentiated (ReLoRA's frozen W)
             apply = nnx.remat(apply, policy=policy, graph_updates=False)
         for block in self.blocks:
             x = apply(block, x)
         return x
 
-    def init_cache(self, batch: int, length: int, dtype=None):
-        """A zero KV cache of fixed size: per layer (k, v), each [B, S, K, E]."""
-        c = self.cfg
-        shape = (batch, length, c.n_kv_heads, c.head_dim)
-        return [(jnp.zeros(shape, dtype or c.dtype), jnp.zeros(shape, dtype or c.dtype)) for _ in range(c.n_layers)]
+    def init_cache(self, batch: int, length: int):
+        """A zero KV cache of `length` positions: per layer (k, v), each [B, S, K, E]."""
+        shape = (batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
+        return [(jnp.zeros(shape, self.cfg.dtype), jnp.zeros(shape, self.cfg.dtype)) for _ in self.blocks]
 
 
 def count_params(model: nnx.Module, wrt=nnx.Param) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
 
 
+# ---------------------------------------------------------------------------------------------- decoding
+
 def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    """Pick one token per row from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    """One token per row of logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
@@ -476,11 +530,12 @@ def sample_logits(logits, key, temperature: float = 1.0, top_k: int = 0, top_p: 
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def generate(model: Decoder, prompt, max_new_tokens: int, key, temperature: float = 1.0, top_k: int = 0,
+def generate(model: LanguageModel, prompt, max_new_tokens: int, key, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, start=None):
-    """Decode with a fixed-size KV cache: one prefill of the prompt [B, P], then one jitted loop step per token
-    (a lax.scan, so nothing recompiles per token). Returns [B, P + max_new_tokens]. Prompts of different lengths
-    are left-padded to P: row b's prompt is prompt[b, start[b]:] (start [B]; None = no padding)."""
+    """Decode with a fixed-size cache: one prefill of the prompt [B, P], then one jitted loop step
+    per token (a lax.scan, so nothing recompiles per token). Returns [B, P + max_new_tokens].
+    Prompts of different lengths are left-padded to P: row b's prompt is prompt[b, start[b]:]
+    (start [B]; None = no padding)."""
     graphdef, state = nnx.split(model)
     start = jnp.zeros(prompt.shape[0], jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return _generate(graphdef, state, prompt, start, key, max_new_tokens, temperature, top_k, top_p)
@@ -504,3 +559,40 @@ def _generate(graphdef, state, prompt, start, key, max_new_tokens, temperature, 
     (last, _, _), toks = jax.lax.scan(step, (first, cache, P), keys[1:])
     new = jnp.concatenate([toks.T, last[:, None]], axis=1) if max_new_tokens > 1 else last[:, None]
     return jnp.concatenate([prompt, new], axis=1)
+
+
+def pad_left(prompts, pad_id: int = 0):
+    """Token-id lists of different lengths -> tokens [B, P] int32 left-padded with pad_id, and
+    start [B]: where each row's prompt begins (generate masks what comes before it)."""
+    P = max(map(len, prompts))
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    for b, ids in enumerate(prompts):
+        tokens[b, P - len(ids):] = ids
+    return tokens, np.asarray([P - len(ids) for ids in prompts], np.int32)
+
+
+def generate_ids(model, prompts, max_new_tokens: int, key, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0) -> list[list[int]]:
+    """The continuations (max_new_tokens ids each) of several prompts (non-empty lists of token
+    ids), all in one jitted call. A prompt keeps its last seq_len - max_new_tokens tokens (at least
+    one), so prompt and continuation fit in the context the model was trained on."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    keep = max(model.cfg.seq_len - max_new_tokens, 1)
+    tokens, start = pad_left([list(p)[-keep:] for p in prompts])
+    out = generate(model, tokens, max_new_tokens, key, temperature, top_k, top_p, start=start)
+    if not out.is_fully_addressable:  # several processes: each holds only its devices' part
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(jax.device_get(out))[:, tokens.shape[1]:].tolist()
+
+
+def distinct_n(samples, n: int) -> float:
+    """Distinct-n (Li et al. 2016, arXiv:1510.03055): unique n-grams over n-grams, counted across
+    all samples together (sequences of token ids or words). 0.0 when no sample has n items."""
+    grams = [tuple(s[i:i + n]) for s in samples for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct(samples, max_n: int = 5) -> dict:
+    """{"distinct_1": ..., ..., "distinct_<max_n>": ...} of the samples."""
+    return {f"distinct_{n}": distinct_n(samples, n) for n in range(1, max_n + 1)}

@@ -11,8 +11,8 @@ rank-R updates: up to k R, not R. The jagged schedule drops the LR to 0 after ea
 W is a `Frozen` variable, not an nnx.Param: train.train_step takes gradients and nnx.Optimizer keeps moments for
 nnx.Param only, so W costs one copy of memory instead of three. Everything ReLoRA needs lives in the nnx state (W,
 A, B, s, the moments, Adam's count) or is a pure function of (seed, step), so a checkpoint of the state captures it.
+The trainer reaches all of it through a `Plan` (`plan(...)`), which is a no-op for full-rank training.
 """
-import contextvars
 import dataclasses
 import itertools
 import math
@@ -24,11 +24,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from model import ConfigError, Decoder, Linear, dense, param
+from config import ConfigError, reject_unknown
+from model import BLOCK_LINEARS, Decoder, Linear, dense, param
 
-# target_modules names: the attribute names in model.py. A block name takes all of its projections.
-BLOCKS = {"attention": ("q", "k", "v", "o"), "swiglu": ("gate", "up", "down"), "mlp": ("up", "down")}  # mlp: GELU
-TARGETS = set(BLOCKS) | {name for names in BLOCKS.values() for name in names}
+# target_modules names: a block's MLP or attention (all its projections) or one projection, from model.BLOCK_LINEARS
+TARGETS = {part for name in BLOCK_LINEARS for part in name.split(".")}
 RESETS = ("random", "magnitude", "full")
 _A_STREAM, _DROPOUT_STREAM, _PRUNE_STREAM = 0, 1, 2  # independent random streams off the run's seed
 
@@ -54,11 +54,7 @@ class ReLoRAConfig:
         if d is None:
             return None
         d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)} - {"seed"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s) {['model.relora.' + k for k in unknown]}; "
-                              f"known model.relora keys: {sorted(known)}")
+        reject_unknown(d, [f.name for f in dataclasses.fields(cls) if f.name != "seed"], "model.relora.")
         if "target_modules" in d:
             t = d["target_modules"]
             d["target_modules"] = (t,) if isinstance(t, str) else tuple(t)
@@ -103,9 +99,6 @@ class LoRAParam(nnx.Param):
     """A, B and s: trained like any nnx.Param; the type lets the optimizer reset find them."""
 
 
-_DROPOUT_KEY = contextvars.ContextVar("relora_dropout_key", default=None)  # set by training_step while it traces
-
-
 def draw_a(cfg: ReLoRAConfig, reset: int, shapes: list[tuple[int, int]]) -> list:
     """Every layer's A ~ U(-1/sqrt(in), 1/sqrt(in)) [R, in] (shapes in layer order), from (seed, reset index): every
     host draws the same. One draw for all layers: XLA compiles one RNG call much faster than dozens."""
@@ -129,16 +122,16 @@ class LoRALinear(nnx.Module):
         self.s = param(jnp.ones((), jnp.float32), "lora_s", LoRAParam) if cfg.trainable_scaling else None
         self.alpha_over_r = cfg.lora_alpha / cfg.r
         self.dropout, self.layer, self.dtype = cfg.lora_dropout, layer, base.dtype
+        self.dropout_key = None  # set only in the train step's view of the model (`in_training`)
 
     def scale(self):
         return jnp.tanh(self.s[...]) if self.s is not None else self.alpha_over_r
 
     def __call__(self, x):  # [..., in] -> [..., out]
         x = x.astype(self.dtype)
-        key = _DROPOUT_KEY.get()
         h = x
-        if key is not None and self.dropout > 0:  # training only: training_step sets the key
-            keep = jax.random.bernoulli(jax.random.fold_in(key, self.layer), 1 - self.dropout, x.shape)
+        if self.dropout_key is not None and self.dropout > 0:  # training only
+            keep = jax.random.bernoulli(jax.random.fold_in(self.dropout_key, self.layer), 1 - self.dropout, x.shape)
             h = jnp.where(keep, x / (1 - self.dropout), 0).astype(self.dtype)
         h = (self.scale() * dense(h, self.A[...].T.astype(self.dtype))).astype(self.dtype)  # [..., R]
         return dense(x, self.kernel[...].astype(self.dtype)) + dense(h, self.B[...].T.astype(self.dtype))
@@ -270,18 +263,20 @@ def jagged_schedule(envelope, cfg: ReLoRAConfig):
     return schedule
 
 
+def in_training(model, dropout_key):
+    """A view of the model whose LoRA layers drop out their branch's input with masks from `dropout_key` (folded with
+    each layer's index); the model itself, and so evaluation and sampling, stays without dropout."""
+    return nnx.with_attributes(model, only=LoRALinear, raise_if_not_found=False, dropout_key=dropout_key)
+
+
 def training_step(step_fn, cfg: ReLoRAConfig):
-    """step_fn(graphdef, state, tokens, **kw) (train.train_step) with the LoRA dropout on, its masks drawn from
-    (seed, step, layer) (the micro-batches of one step share them), and the trainable scales' mean and std added
-    to the metrics. Dropout is on only here: evaluation and sampling call the model without it."""
+    """step_fn(graphdef, state, tokens, dropout_key=..., **kw) (train.train_step) given the LoRA dropout's key of
+    this step, drawn from (seed, Adam's step count) (the micro-batches of one step share it), with the trainable
+    scales' mean and std added to the metrics."""
     def step(graphdef, state, tokens, **kw):
         _, opt = nnx.merge(graphdef, state)
-        base = jax.random.fold_in(jax.random.key(cfg.seed), _DROPOUT_STREAM)
-        token = _DROPOUT_KEY.set(jax.random.fold_in(base, opt.step[...]))
-        try:
-            new, metrics = step_fn(graphdef, state, tokens, **kw)
-        finally:
-            _DROPOUT_KEY.reset(token)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), _DROPOUT_STREAM), opt.step[...])
+        new, metrics = step_fn(graphdef, state, tokens, dropout_key=key, **kw)
         new = constrain(new)  # else XLA may pick others (norm scales), and the next call recompiles
         s = [layer.s[...] for layer in lora_layers(nnx.merge(graphdef, new)[0]) if layer.s is not None]
         if s:
@@ -299,3 +294,68 @@ def sizes(graphdef, state) -> dict:
     return dict(trainable_params=count(nnx.state(model, nnx.Param)), frozen_params=count(nnx.state(model, Frozen)),
                 lora_layers=len(lora_layers(model)),
                 opt_state_bytes=sum(x.nbytes for x in jax.tree.leaves(nnx.state(opt))))
+
+
+# ---------------------------------------------------------------------------------------------- the trainer's plan
+
+class Plan:
+    """What ReLoRA does to a run, through the few calls the trainer makes; with cfg None (model.relora=null,
+    full-rank training) every one of them leaves the run as it is."""
+
+    def __init__(self, cfg: ReLoRAConfig | None):
+        self.cfg = cfg
+
+    def schedule(self, envelope):
+        """The LR schedule: the jagged one around each reset, or `envelope` itself."""
+        return jagged_schedule(envelope, self.cfg) if self.cfg else envelope
+
+    def wrapped_at(self, step: int) -> ReLoRAConfig | None:
+        """The config to wrap with when the state at `step` (completed steps) has LoRA layers, else None."""
+        return self.cfg if self.cfg and step >= self.cfg.warm_start_steps else None
+
+    def layout_at(self, step: int, graphdef, state):
+        """(graphdef, state) in the layout a checkpoint of `step` has: wrapped once the warm start is over (call under
+        jax.set_mesh)."""
+        lora = self.wrapped_at(step)
+        if lora and not lora_layers(nnx.merge(graphdef, state)[0]):
+            return wrap_state(graphdef, state, lora)
+        return graphdef, state
+
+    def step(self, step_fn):
+        """The train step: training_step around `step_fn`, or `step_fn`."""
+        return training_step(step_fn, self.cfg) if self.cfg else step_fn
+
+    def after_step(self, done: int, graphdef, state):
+        """Between steps (SPEC §4): wrap the model when the warm start ends, merge-and-reset every reset_frequency.
+        Returns (graphdef, state, metrics to log or None); a new graphdef needs the steps compiled again. Call under
+        jax.set_mesh."""
+        r = self.cfg
+        if r is None:
+            return graphdef, state, None
+        if r.warm_start_steps and done == r.warm_start_steps:
+            graphdef, state = wrap_state(graphdef, state, r)
+            return graphdef, state, dict(relora="wrapped", **sizes(graphdef, state))
+        if (k := r.reset_index(done)) is not None:
+            state, zeroed = merge_and_reset(graphdef, state, k, r)
+            return graphdef, state, dict(relora_reset=k, optimizer_zeroed=float(zeroed))
+        return graphdef, state, None
+
+    def notes(self, graphdef, state) -> list[str]:
+        """What the start-up log says: the trainable, frozen and optimizer sizes."""
+        return ["relora: " + " ".join(f"{k}={v:,}" for k, v in sizes(graphdef, state).items())] if self.cfg else []
+
+
+def plan(block, seed: int, mcfg) -> Plan:
+    """The Plan of a `model.relora` block (null: full-rank) for the model `mcfg`, checked against its layers."""
+    cfg = ReLoRAConfig.from_dict(block, seed)
+    if cfg is None:
+        return Plan(None)
+    if not mcfg.linears():
+        raise ConfigError(f"model.relora is set but model.kind={mcfg.KIND}: ReLoRA wraps the decoder's attention and "
+                          f"MLP projections; set model.relora=null or model.kind=decoder")
+    parts = {part for name in mcfg.linears() for part in name.split(".")}
+    if missing := sorted(set(cfg.target_modules) - parts):
+        raise ConfigError(f"model.relora.target_modules={list(cfg.target_modules)} names {missing}, which this "
+                          f"model lacks (model.mlp={mcfg.mlp}: its MLP is `{mcfg.mlp_block}`); target "
+                          f"{sorted(parts)} instead (`mlp` is the GELU MLP's up and down projections)")
+    return Plan(cfg)

@@ -17,28 +17,28 @@ import time
 from functools import partial
 from pathlib import Path
 
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import relora  # noqa: E402
+import train  # noqa: E402
+import train_state  # noqa: E402
+from config import CONFIGS  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 
 def measure(a) -> dict:
-    import jax
-    import numpy as np
-    from omegaconf import OmegaConf
-
-    import relora
-    import train
-    from model import ModelConfig
-
     mcfg = ModelConfig(vocab_size=a.vocab, seq_len=a.seq, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
                        n_kv_heads=a.kv_heads, d_hidden=4 * a.d_model, dtype=a.dtype)
     lora = relora.ReLoRAConfig(r=a.rank, lora_alpha=a.rank, lora_dropout=0.0) if a.mode == "relora" else None
-    opt = OmegaConf.load(train.CONFIGS / "base.yaml").opt
+    opt = OmegaConf.load(CONFIGS / "base.yaml").opt
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:1])
-    graphdef, state = train.init_state(mcfg, train.make_tx(opt, 1e-3), mesh, 0, lora)
+    graphdef, state = train_state.init_state(mcfg, train_state.make_tx(opt, 1e-3), mesh, 0, lora)
     sizes = relora.sizes(graphdef, state)
-    step_fn = relora.training_step(train.train_step, lora) if lora else train.train_step
-    step = jax.jit(partial(step_fn, graphdef), donate_argnums=0)
+    step = jax.jit(partial(relora.Plan(lora).step(train.train_step), graphdef), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(0), (a.batch, a.seq + 1), 0, a.vocab)
     with jax.set_mesh(mesh):
         mem = step.lower(state, tokens).compile().memory_analysis()

@@ -9,16 +9,16 @@
     python benchmarks/throughput.py --sweep-devices 1,2,4,8 data.batch_size=16   # virtual CPU devices, FSDP
 
 Arguments are main.py's: `-cn NAME` picks a config in configs/ (default local) and `key=value` overrides follow
-Hydra's syntax; the flags below come on top. The step is the trainer's own (`train.Trainer(...).train_step`, with
-its donation and pinned output shardings; `--relora` wraps the model, so the step is relora.training_step). It is
+Hydra's syntax; the flags below come on top. The step is the trainer's own (`train.jit_train_step`, with its
+donation and pinned output shardings; `--relora` wraps the model, so the step is relora.training_step). It is
 compiled ahead of time (the compile time printed), run `--warmup` times, then `--steps` times, each step
 synchronised (block_until_ready on the whole new state); the step time is the median of those.
 
-Reported: model FLOPs per token = `train.flops_per_token`, i.e. 6 x matmul params (2 forward, 4 backward; the
+Reported: model FLOPs per token = the config's `flops_per_token()`, i.e. 6 x matmul params (2 forward, 4 backward; the
 head counts, the embedding lookup does not) + 6 L T D for attention scores and values (12 L T D halved by the
 causal mask); tokens/s = batch x seq_len / step time; achieved FLOP/s = the two multiplied; MFU = achieved / peak,
-all through `train.throughput`, the function the training log uses. The peak is the datasheet's dense peak for
-the compute dtype (table `train.PEAK_TFLOPS`: TPU v2-v6e, A100, H100, H200, L4, T4) times the device count, or on
+all through `host.throughput`, the function the training log uses. The peak is the datasheet's dense peak for
+the compute dtype (table `host.PEAK_TFLOPS`: TPU v2-v6e, A100, H100, H200, L4, T4) times the device count, or on
 CPU the best FLOP/s of large jnp matmuls measured in this process, before and after the timed steps (the higher
 one is used: a low peak would inflate MFU). `--relora` counts the same model FLOPs (a frozen weight gets no weight
 gradient, so its true cost is lower: the MFU of a ReLoRA step is a model-equivalent figure).
@@ -37,14 +37,27 @@ The last line printed is always one JSON object (a sweep: {"sweep": [one object 
 """
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from omegaconf import OmegaConf
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import config  # noqa: E402
+import data  # noqa: E402
+import host  # noqa: E402
+import train  # noqa: E402
+import train_state  # noqa: E402
+from model import BATCH_AXES, count_params  # noqa: E402
 
 PRESETS = {  # Picodo's two CPU shapes (issue #8); fp32, vocab 50257, MHA, d_hidden = 4 d_model
     "picodo1": (["model.vocab_size=50257", "model.seq_len=256", "model.d_model=256", "model.n_layers=4",
@@ -79,13 +92,9 @@ def parse(argv=None):
 
 
 def compose(a):
-    import train  # noqa: F401  (registers the config resolvers)
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import OmegaConf
     overrides = (PRESETS[a.preset][0] if a.preset else []) + list(a.overrides)
     overrides += ["wandb.mode=disabled", "checkpoint.dynamics.layers=[]"]
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        cfg = hydra_compose(a.config_name, overrides=overrides)
+    cfg = config.compose(a.config_name, overrides)
     if a.relora:
         block = cfg.model.relora or OmegaConf.load(ROOT / "configs" / "relora.yaml").model.relora
         cfg.model.relora = OmegaConf.merge(block, {"warm_start_steps": 0})
@@ -94,7 +103,6 @@ def compose(a):
 
 def state_bytes_per_device(state) -> tuple[int, int]:
     """Bytes of (parameters, optimizer state) held by the first device: its shard of every array."""
-    import jax
     model_state, opt_state = state[0], state[1]  # nnx.split((model, optimizer))
 
     def on_first(tree):
@@ -106,47 +114,46 @@ def state_bytes_per_device(state) -> tuple[int, int]:
 
 def measure(a) -> dict:
     """One configuration in this process: the numbers of KEYS."""
-    import jax
-    import numpy as np
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    import data
-    import train
-    from model import BATCH_AXES, count_params
-
     cfg = compose(a)
-    trainer = train.Trainer(cfg, build_data=a.real, resume=False)
-    mcfg, mesh = trainer.mcfg, trainer.mesh
+    config.check_keys(cfg)
+    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    train.check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, mesh.size)
+    mcfg, plan, _, graphdef, state = train_state.build(cfg, mesh)
     B, T = cfg.data.batch_size, mcfg.seq_len
-    train.check_layout(mcfg, mesh, B, cfg.data.grad_accum, mesh.size)
+    train_step = train.jit_train_step(graphdef, state, mesh, plan, cfg.data.grad_accum,
+                                      cfg.train.nan_policy == "skip")
     sharding = NamedSharding(mesh, P(BATCH_AXES, None))
     n_steps = a.warmup + a.steps + 1  # +1: the batch the compiled step is lowered with
     if a.real:
-        batches = data.prefetch(lambda s: trainer.train_data.batch(s, sharding), range(n_steps))
+        d = data.data_dir(cfg.data)
+        tokens = data.open_tokens(d / "train.bin", cfg.data.token_dtype, mcfg.vocab_size, T)
+        train_data = data.TrainData(tokens, cfg.seed, B, T, mcfg.vocab_size, d / "train.bin")
+        batches = data.prefetch(lambda s: train_data.batch(s, sharding), range(n_steps))
     else:  # device-resident random tokens, drawn once per step (a pure function of the step)
         batches = ((s, jax.device_put(np.random.default_rng(s).integers(0, mcfg.vocab_size, (B, T + 1), np.int32),
                                       sharding)) for s in range(n_steps))
-    peak = [train.peak_flops(mcfg.dtype)]
+    peak = [host.peak_flops(mcfg.dtype)]
+    params = count_params(nnx.merge(graphdef, state)[0])
     with jax.set_mesh(mesh):
         _, tokens = next(batches)
         t = time.perf_counter()
-        step = trainer.train_step.lower(trainer.state, tokens).compile()
+        step = train_step.lower(state, tokens).compile()
         compile_s = time.perf_counter() - t
-        state, times = trainer.state, []
+        times = []
         for i, (_, tokens) in enumerate(batches):
             t = time.perf_counter()
             state, m = step(state, tokens)
             jax.block_until_ready((state, m))
             if i >= a.warmup:
                 times.append(time.perf_counter() - t)
-    peak.append(train.peak_flops(mcfg.dtype))
+    peak.append(host.peak_flops(mcfg.dtype))
     peak_flops, peak_source = max(peak)
     step_s = float(np.median(times))
-    tp = train.throughput(B * T, step_s, mcfg, peak_flops)
+    tp = host.throughput(B * T, step_s, mcfg, peak_flops)
     param_bytes, opt_bytes = state_bytes_per_device(state)
     return dict(config=a.config_name, device=jax.devices()[0].device_kind, n_devices=mesh.size,
-                params=count_params(trainer.model), dtype=mcfg.dtype, batch_size=B, seq_len=T, compile_s=compile_s,
-                step_s=step_s, tokens_per_s=tp["tokens_per_s"], flops_per_token=train.flops_per_token(mcfg),
+                params=params, dtype=mcfg.dtype, batch_size=B, seq_len=T, compile_s=compile_s,
+                step_s=step_s, tokens_per_s=tp["tokens_per_s"], flops_per_token=mcfg.flops_per_token(),
                 flops_per_s=tp["flops_per_s"], peak_flops_per_s=peak_flops, peak_source=peak_source, mfu=tp["mfu"],
                 param_bytes_per_device=param_bytes, opt_bytes_per_device=opt_bytes, loss=float(m["loss"]))
 
@@ -210,7 +217,6 @@ def main(argv=None):
     if a.sweep_sizes or a.sweep_devices:
         print(json.dumps(dict(sweep=sweep(a, argv))))
         return
-    import logging
     logging.getLogger("jax").setLevel(logging.WARNING)
     r = measure(a)
     picodo = PRESETS[a.preset][1] if a.preset else None
@@ -221,6 +227,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import train
-    train.reuse_host_memory()  # as main.py does: on CPU, each step reuses the last one's memory (a restart)
+    host.reuse_host_memory()  # as main.py does: on CPU, each step reuses the last one's memory (a restart)
     main()

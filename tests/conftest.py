@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
-import train  # noqa: E402
+import data  # noqa: E402
+import host  # noqa: E402
+from config import compose  # noqa: E402
 
-for _k, _v in train.HOST_MALLOC.items():  # `python main.py` subprocesses start with them, so they skip the restart
+for _k, _v in host.HOST_MALLOC.items():  # `python main.py` subprocesses start with them, so they skip the restart
     os.environ.setdefault(_k, _v)
 
 TINY = [  # a model small enough to compile and step in seconds
@@ -27,15 +28,12 @@ TINY = [  # a model small enough to compile and step in seconds
 
 def make_cfg(*overrides, config="local"):
     """Compose a config exactly as `python main.py -cn CONFIG overrides...` would."""
-    import train  # noqa: F401  (registers the config resolvers, as main.py's import does)
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        return compose(config, overrides=list(overrides))
+    return compose(config, overrides)
 
 
 @pytest.fixture(scope="session")
 def corpus_cache(tmp_path_factory):
     """A data.cache_dir holding the built-in corpus, prepared once per session."""
-    import data
     cache = tmp_path_factory.mktemp("cache")
     data.builtin_corpus(cache)
     return cache

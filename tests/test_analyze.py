@@ -10,7 +10,7 @@ from flax import nnx
 
 import analyze
 import train
-from checkpoint import load_dynamics
+from snapshots import load as load_dynamics
 from model import Attention, ModelConfig, rope_tables
 
 rng = np.random.default_rng(0)
@@ -111,7 +111,7 @@ def test_ov_circuit_per_head_matches_a_direct_computation_and_the_models_attenti
     # one token attends only to itself, so attention is x W_V W_O = x sum_h W_OV^h (RoPE moves only q and k)
     x = jnp.asarray(rng.standard_normal((1, 1, 32)), jnp.float32)
     sin, cos = rope_tables(jnp.zeros((1, 1), jnp.int32), e, cfg.rope_theta)
-    out, _ = attn(x, sin, cos)
+    out, _ = attn(x, (sin, cos))
     np.testing.assert_allclose(out[0, 0], np.asarray(x[0, 0]) @ sum(ov), rtol=1e-5, atol=1e-6)
 
 
@@ -207,7 +207,7 @@ def test_analyze_a_relora_run_end_to_end_with_its_errors(tiny_cfg, tmp_path, cap
         ((f"run_dir={run}", "metrics=[per,rank]"), "unknown ['rank']; known metrics: ['frobenius'"),
         ((f"run_dir={run}", "split=valid"), "split='valid'"),
         ((f"run_dir={run}", "wandb=maybe"), "wandb='maybe'"),
-        ((f"run_dir={run}", "step=3"), "unknown key(s) ['step']; known keys: ['run_dir', 'metrics', 'steps'"),
+        ((f"run_dir={run}", "step=3"), "unknown key 'step'; known keys here: ['run_dir', 'metrics', 'steps'"),
         ((f"run_dir={tmp_path / 'nope'}",), "is not a directory"),
         ((f"run_dir={tmp_path / 'a'}",), "holds no snapshots"),
         (("metrics=[per]",), "run_dir is required"),

@@ -14,6 +14,13 @@ from model import ModelConfig
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import throughput  # noqa: E402
+from omegaconf import OmegaConf
+import config
+import families
+import host
+import optax
+import train_state
+from loss import cross_entropy, fused_cross_entropy, loss_fn
 
 TINY = ["model.seq_len=32", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=256", "data.batch_size=8"]
@@ -25,17 +32,17 @@ def test_flops_per_token_matches_a_hand_count():
     per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 96
     matmul_params = 3 * per_layer + 32 * 1000
     attention = 3 * 6 * 64 * 32  # QK^T and AV: 2 x 2 x T x D forward per layer, x3 with backward, halved (causal)
-    assert train.flops_per_token(c) == 6 * matmul_params + attention == 6 * 68864 + 36864
+    assert c.flops_per_token() == 6 * matmul_params + attention == 6 * 68864 + 36864
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
 def test_entry_points_restart_once_with_the_host_malloc_settings_unless_the_user_set_them():
-    code = ("import os, train; print('start', flush=True); train.reuse_host_memory(); "
-            "print(*(os.environ.get(k) for k in train.HOST_MALLOC))")
-    env = {k: v for k, v in os.environ.items() if k not in train.HOST_MALLOC}
+    code = ("import os, host; print('start', flush=True); host.reuse_host_memory(); "
+            "print(*(os.environ.get(k) for k in host.HOST_MALLOC))")
+    env = {k: v for k, v in os.environ.items() if k not in host.HOST_MALLOC}
     run = lambda env: subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                                      text=True, check=True).stdout.split("\n")
-    assert run(env)[:3] == ["start", "start", " ".join(train.HOST_MALLOC.values())]  # restarted once, then kept
+    assert run(env)[:3] == ["start", "start", " ".join(host.HOST_MALLOC.values())]  # restarted once, then kept
     assert run({**env, "MALLOC_ARENA_MAX": "8"})[:2] == ["start", "8 None None"]  # the user's own: no restart
 
 
@@ -46,7 +53,7 @@ def test_throughput_script_prints_the_documented_json(capsys, flags):
     r = json.loads(lines[-1])
     assert set(throughput.KEYS) <= set(r), set(throughput.KEYS) - set(r)
     mcfg = ModelConfig(vocab_size=256, seq_len=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=128)
-    assert r["flops_per_token"] == train.flops_per_token(mcfg)
+    assert r["flops_per_token"] == mcfg.flops_per_token()
     assert r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_s"])
     assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
     assert r["mfu"] == pytest.approx(r["flops_per_s"] / r["peak_flops_per_s"])
@@ -61,14 +68,14 @@ def test_throughput_script_prints_the_documented_json(capsys, flags):
 
 def test_training_log_mfu_is_the_benchmark_formula(tiny_cfg, monkeypatch):
     calls = []
-    real = train.throughput
+    real = host.throughput
     monkeypatch.setattr(train, "throughput", lambda *a: calls.append(real(*a)) or calls[-1])
     t = train.Trainer(tiny_cfg("train.steps=2", "train.log_every=2", "sample.n_samples=0"))
     t.run()
     logged = t.history[-1]
     assert len(calls) == 1
     assert logged["mfu"] == calls[0]["mfu"] and logged["tokens_per_s"] == calls[0]["tokens_per_s"]
-    assert calls[0]["mfu"] == pytest.approx(calls[0]["tokens_per_s"] * train.flops_per_token(t.mcfg) / t.peak_flops)
+    assert calls[0]["mfu"] == pytest.approx(calls[0]["tokens_per_s"] * t.mcfg.flops_per_token() / t.peak[0])
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -77,8 +84,8 @@ def test_fsdp_bytes_per_device_fall_as_one_over_n(n):
                        dtype="float32")
     mesh = jax.make_mesh((1, n), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                          devices=jax.devices()[:n])
-    tx = train.make_tx(train.OmegaConf.load(train.CONFIGS / "base.yaml").opt, 1e-3)
-    _, state = train.init_state(mcfg, tx, mesh, seed=0)
+    tx = train_state.make_tx(OmegaConf.load(config.CONFIGS / "base.yaml").opt, 1e-3)
+    _, state = train_state.init_state(mcfg, tx, mesh, seed=0)
     params, opt = throughput.state_bytes_per_device(state)
     total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
     norms = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree) if x.ndim == 1)  # RMSNorm scales: replicated
@@ -100,7 +107,7 @@ def _loss_and_grads(**knobs):
     from model import Decoder
     model = Decoder(dataclasses.replace(SMALL, **knobs), nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (3, SMALL.seq_len + 1), 0, SMALL.vocab_size)
-    loss, grads = jax.jit(lambda m, t: nnx.value_and_grad(train.loss_fn)(m, t))(model, tokens)
+    loss, grads = jax.jit(lambda m, t: nnx.value_and_grad(loss_fn)(m, t))(model, tokens)
     return model, loss, grads
 
 
@@ -131,23 +138,25 @@ def test_fused_loss_equals_the_plain_loss_for_every_family_and_head(block):
     tokens = jax.random.randint(jax.random.key(1), (3, SMALL.seq_len + 1), 0, SMALL.vocab_size)
     out = []
     for chunk in (0, 7):
-        model = train.build_model(train.model_config(dict(base, **block, loss_chunk=chunk)), nnx.Rngs(0))
-        out.append(jax.jit(lambda m, t: nnx.value_and_grad(train.loss_fn)(m, t))(model, tokens))
+        model = families.build_model(families.model_config(dict(base, **block, loss_chunk=chunk)), nnx.Rngs(0))
+        out.append(jax.jit(lambda m, t: nnx.value_and_grad(loss_fn)(m, t))(model, tokens))
     (ref_loss, ref_grads), (loss, grads) = out
     if block.get("z_loss"):  # the z-term is in both: it moves the loss above the plain cross-entropy
         logits = model(tokens[:, :-1])
-        assert loss > train.cross_entropy(logits, tokens[:, 1:]) + 1e-3
+        assert loss > cross_entropy(logits, tokens[:, 1:]) + 1e-3
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-def test_remat_accepts_old_booleans_and_rejects_unknown_policies():
+def test_remat_policies_and_old_boolean_checkpoints():
     from model import ConfigError
-    assert ModelConfig.from_dict(dict(remat=True)).remat == "block"
-    assert ModelConfig.from_dict(dict(remat=False)).remat == "none"
     with pytest.raises(ConfigError, match="model.remat='everything'"):
         ModelConfig.from_dict(dict(remat="everything"))
+    with pytest.raises(ConfigError, match="model.remat=True.*an old true / false is block / none"):
+        ModelConfig.from_dict(dict(remat=True))
+    # a checkpoint from before the policies saved a boolean: loading reads it as the policy it was
+    assert [train_state.saved_model_block(dict(remat=b))["remat"] for b in (True, False)] == ["block", "none"]
 
 
 def test_fused_cross_entropy_keeps_float32_logits_in_bfloat16():
@@ -156,8 +165,8 @@ def test_fused_cross_entropy_keeps_float32_logits_in_bfloat16():
     h = jax.random.normal(jax.random.key(0), (2, 5, 16))
     w = jax.random.normal(jax.random.key(1), (16, 40))
     labels = jax.random.randint(jax.random.key(2), (2, 5), 0, 40)
-    plain = lambda h, w: train.cross_entropy(h @ w, labels)
-    fused = lambda h, w: train.fused_cross_entropy(h, w, labels, 4)
+    plain = lambda h, w: cross_entropy(h @ w, labels)
+    fused = lambda h, w: fused_cross_entropy(h, w, labels, 4)
     (l1, g1), (l2, g2) = [jax.value_and_grad(f, argnums=(0, 1))(h, w) for f in (plain, fused)]
     np.testing.assert_allclose(l2, l1, rtol=1e-6)
     for a, b in zip(g2, g1):
@@ -170,42 +179,55 @@ def test_fused_cross_entropy_keeps_float32_logits_in_bfloat16():
 def test_scanned_model_still_captures_learning_dynamics():
     import dataclasses
     from flax import nnx
-    from checkpoint import dynamics_step
+    from dynamics import dynamics_step
     from model import Decoder
     tokens = jax.random.randint(jax.random.key(1), (4, SMALL.seq_len + 1), 0, SMALL.vocab_size)
     out = []
     for scan in (False, True):
         model = Decoder(dataclasses.replace(SMALL, scan_layers=scan), nnx.Rngs(0))
-        graphdef, state = nnx.split((model, nnx.Optimizer(model, train.optax.sgd(0.1), wrt=nnx.Param)))
+        graphdef, state = nnx.split((model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)))
         out.append(jax.jit(lambda s, t: dynamics_step(graphdef, s, t, layers=("attention.v", "swiglu.down")))(state, tokens))
     assert set(out[1]) == set(out[0]) and "activations/blocks.2.swiglu.down" in out[1]
     for k in out[0]:
         np.testing.assert_allclose(out[1][k], out[0][k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
-def test_cudnn_attention_is_a_config_error_on_cpu_and_auto_falls_back(monkeypatch):
+def test_cudnn_attention_is_a_config_error_on_cpu_and_auto_falls_back_saying_why(monkeypatch):
+    import dataclasses
     import model
     with pytest.raises(model.ConfigError, match="model.attention=cudnn needs an NVIDIA GPU"):
         ModelConfig.from_dict(dict(attention="cudnn", dtype="bfloat16"))
+    auto = ModelConfig(d_model=64, n_heads=4, n_kv_heads=2, dtype="bfloat16")  # head dim 16
+    assert auto.attention_impl() == ("xla", "auto: cuDNN flash attention needs an NVIDIA GPU, this is cpu")
+    assert dataclasses.replace(auto, dtype="float32").notes() == [
+        "attention: xla (auto: cuDNN flash attention needs an NVIDIA GPU, this is cpu)"]
     q = jax.random.normal(jax.random.key(0), (2, 8, 4, 16), "bfloat16")
     k, v = q[:, :, :2], q[:, :, 2:]
-    xla = model.causal_attention(q, k, v, "xla")
+    xla = model.causal_attention(q, k, v, dataclasses.replace(auto, attention="xla"))
     monkeypatch.setattr(model, "platform", lambda: "gpu")  # auto tries cuDNN, which cannot run here: XLA instead
-    np.testing.assert_array_equal(model.causal_attention(q, k, v, "auto"), xla)
+    assert auto.attention_impl()[0] == "cudnn"
+    assert dataclasses.replace(auto, dtype="float32").attention_impl() == \
+        ("xla", "auto: cuDNN flash attention needs bf16 / fp16, model.dtype=float32")
+    with pytest.warns(UserWarning, match=r"model.attention=auto: cuDNN refused q \(2, 8, 4, 16\) bfloat16 .*runs on XLA"):
+        np.testing.assert_array_equal(model.causal_attention(q, k, v, auto), xla)
 
 
 def test_checkpoint_restores_across_scan_layers_and_remat(tmp_path):
     from checkpoint import Checkpoints, CheckpointError, abstract_like
-    mesh = train.make_mesh(1, 8)
-    tx = train.make_tx(train.OmegaConf.load(train.CONFIGS / "base.yaml").opt, 1e-3)
-    _, state = train.init_state(SMALL, tx, mesh, seed=0)
+    mesh = train_state.make_mesh(1, 8)
+    tx = train_state.make_tx(OmegaConf.load(config.CONFIGS / "base.yaml").opt, 1e-3)
+    _, state = train_state.init_state(SMALL, tx, mesh, seed=0)
     saved = dict(model=dict(SMALL.__dict__))
     ckpt = Checkpoints(tmp_path, use_async=False)
     ckpt.save(0, state, dict(step=0), saved)
     ckpt.wait()
-    _, other = train.init_state(SMALL, tx, mesh, seed=1)
-    restored, _ = ckpt.restore(0, abstract_like(other), dict(saved["model"], scan_layers=True, remat="dots", loss_chunk=8))
+    _, other = train_state.init_state(SMALL, tx, mesh, seed=1)
+    import dataclasses
+    # a run with other runtime knobs may resume this checkpoint; one with another d_model may not
+    train_state.check_same_model(saved["model"], dataclasses.replace(SMALL, scan_layers=True, remat="dots",
+                                                                     loss_chunk=8), tmp_path)
+    restored, _ = ckpt.restore(0, abstract_like(other))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
-    with pytest.raises(CheckpointError, match="model.d_model"):
-        ckpt.restore(0, abstract_like(other), dict(saved["model"], d_model=64))
+    with pytest.raises(CheckpointError, match="model.d_model: checkpoint 32 vs this run 64"):
+        train_state.check_same_model(saved["model"], dataclasses.replace(SMALL, d_model=64), tmp_path)

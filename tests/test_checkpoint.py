@@ -14,6 +14,8 @@ import pytest
 import checkpoint
 import train
 from checkpoint import CheckpointError
+import config
+import train_state
 from conftest import ROOT, TINY
 
 
@@ -66,7 +68,7 @@ def test_exact_resume_on_1_device_in_a_new_process(corpus_cache, tmp_path):
     assert "resumed from" in out and "(step 2)" in out
     ha, hb = (json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in "ab")
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb] and len(ha) == 4
-    (ma, _, la), (mb, _, lb) = checkpoint.load(tmp_path / "a"), checkpoint.load(tmp_path / "b")
+    (ma, _, la), (mb, _, lb) = train_state.load(tmp_path / "a"), train_state.load(tmp_path / "b")
     assert la["step"] == lb["step"] == 4
     assert_bitwise(leaves(jax.tree.leaves(ma)), leaves(jax.tree.leaves(mb)))
 
@@ -106,7 +108,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_restorable(corpus_
     p.communicate(timeout=60)
     assert killed_mid_save, "never saw a save in progress"
     latest = checkpoint.Checkpoints(ckpts).latest_step()
-    model, cfg, loop = checkpoint.load(tmp_path)
+    model, cfg, loop = train_state.load(tmp_path)
     assert loop["step"] == latest >= 1
     assert all(np.isfinite(x).all() for x in leaves(jax.tree.leaves(model)))
 
@@ -161,14 +163,14 @@ def test_unwritable_run_dir_and_auto_resume_off(tiny_cfg, tmp_path):
     with pytest.raises(CheckpointError, match="not writable"):
         train.Trainer(tiny_cfg(f"run_dir={tmp_path / 'file' / 'run'}"))
     train.Trainer(tiny_cfg("train.steps=1")).run()
-    with pytest.raises(train.ConfigError, match="already holds checkpoints"):
+    with pytest.raises(config.ConfigError, match="already holds checkpoints"):
         train.Trainer(tiny_cfg("checkpoint.auto_resume=false"))
 
 
 def test_load_needs_only_the_directory(tiny_cfg):
     t = train.Trainer(tiny_cfg("train.steps=2"))
     t.run()
-    model, cfg, loop = checkpoint.load(t.run_dir)
+    model, cfg, loop = train_state.load(t.run_dir)
     assert loop["step"] == 2 and cfg.model.d_model == 32
     final = json.loads((t.run_dir / "metrics.json").read_text())["final"]
     assert loop["eval"] == dict(step=2, val_loss=final["val_loss"], val_ppl=final["val_ppl"])  # stored with it
@@ -179,7 +181,7 @@ def test_load_needs_only_the_directory(tiny_cfg):
     config = json.loads(saved.read_text())
     config["model"]["attention"] = "cudnn"
     saved.write_text(json.dumps(config))
-    model, cfg, _ = checkpoint.load(t.run_dir)
+    model, cfg, _ = train_state.load(t.run_dir)
     assert cfg.model.attention == "auto"
     np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
 
@@ -197,7 +199,7 @@ def test_relora_resume_across_the_warm_start_wrap_is_exact(tiny_cfg):
     assert resumed.start_step == 4
     resumed.run()
     assert_bitwise(leaves(resumed.state), ref)
-    model, _, loop = checkpoint.load(straight.run_dir)  # the directory alone, wrapped layout included
+    model, _, loop = train_state.load(straight.run_dir)  # the directory alone, wrapped layout included
     assert loop["step"] == 6
     tokens = jax.numpy.asarray(resumed.train_data.rows(0)[:2, :-1])
     np.testing.assert_allclose(model(tokens), resumed.model(tokens), rtol=1e-6, atol=1e-6)

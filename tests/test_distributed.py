@@ -20,6 +20,7 @@ import data
 import train
 from conftest import ROOT, TINY
 from model import BATCH_AXES
+import train_state
 
 TIMEOUT = 300  # seconds for the distributed run as a whole
 LAYOUT = ["mesh.data=2", "mesh.fsdp=4"]  # data across the two processes, FSDP within each: cross-process all-reduce
@@ -108,9 +109,9 @@ def test_data_order_independent_of_device_count(corpus_cache):
     devs = np.array(jax.devices())
     meshes = {
         "1 device": jax.sharding.Mesh(devs[:1].reshape(1, 1), ("data", "fsdp")),
-        "8 devices fsdp": train.make_mesh(1, 8),
-        "8 devices data x fsdp": train.make_mesh(2, 4),
-        "8 devices data": train.make_mesh(8, 1),
+        "8 devices fsdp": train_state.make_mesh(1, 8),
+        "8 devices data x fsdp": train_state.make_mesh(2, 4),
+        "8 devices data": train_state.make_mesh(8, 1),
     }
     epoch_edge = td.n_chunks // B  # this step's rows straddle the end of epoch 0 and the start of epoch 1
     steps = [0, 1, 5, epoch_edge, epoch_edge + 1]

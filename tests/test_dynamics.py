@@ -1,11 +1,11 @@
 """Learning-dynamics snapshots: what is stored with each checkpoint, checked against direct computations."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import train
-from checkpoint import load_dynamics
+from snapshots import load as load_dynamics
+from loss import loss_fn
 
 
 def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
@@ -35,7 +35,7 @@ def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
     v = block.attention.v(block.attention_norm(x))  # [N, T, K*E]
     np.testing.assert_allclose(snap[("train", "activations", "blocks.0.attention.v")], v[:, -1], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(snap[("train", "weights", "blocks.1.swiglu.down")], model.blocks[1].swiglu.down.kernel[...])
-    grads = nnx.grad(train.loss_fn)(model, tokens)
+    grads = nnx.grad(loss_fn)(model, tokens)
     np.testing.assert_allclose(snap[("train", "gradients", "blocks.1.attention.o")],
                                grads["blocks"][1]["attention"]["o"]["kernel"][...], rtol=1e-4, atol=1e-7)
     # the eval batch is the same at every step, so its activations change only with the parameters

@@ -122,9 +122,9 @@ def test_cli_exports_a_trained_run(llama, tiny_cfg, tmp_path):
 def test_import_refuses_what_the_pico_decoder_cannot_represent():
     base = dict(model_type="llama", vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1)
-    assert export.model_config(base, "m").head_dim == 8
+    assert export.from_hf_config(base, "m").head_dim == 8
     for bad, match in ((dict(attention_bias=True), "attention_bias"), (dict(head_dim=16), "head_dim"),
                        (dict(rope_scaling=dict(rope_type="llama3", factor=8.0)), "RoPE scaling"),
                        (dict(model_type="mistral"), "model_type")):
         with pytest.raises(ConfigError, match=match):
-            export.model_config({**base, **bad}, "m")
+            export.from_hf_config({**base, **bad}, "m")

@@ -15,7 +15,12 @@ import checkpoint
 import export
 import train
 from conftest import ROOT, TINY, make_cfg
-from model import ConfigError, Decoder, count_params, generate
+from model import ConfigError, count_params, generate
+import config
+import dynamics
+import families
+import train_state
+from loss import cross_entropy, loss_fn
 
 V, T = 64, 16
 DECODER = dict(vocab_size=V, seq_len=T, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=64, dtype="float32")
@@ -33,17 +38,17 @@ CONFIGS = {
 
 def build(name_or_block, seed=0):
     block = CONFIGS[name_or_block] if isinstance(name_or_block, str) else name_or_block
-    return train.build_model(train.model_config(block), nnx.Rngs(seed))
+    return families.build_model(families.model_config(block), nnx.Rngs(seed))
 
 
 # ---------------------------------------------------------------------------------------------- training
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_train_step_on_8_devices(name):
-    mcfg = train.model_config(CONFIGS[name])
-    mesh = train.make_mesh(2, 4)
-    tx = train.make_tx(make_cfg().opt, lambda step: 1e-2)
-    graphdef, state = train.init_state(mcfg, tx, mesh, seed=0)
+    mcfg = families.model_config(CONFIGS[name])
+    mesh = train_state.make_mesh(2, 4)
+    tx = train_state.make_tx(make_cfg().opt, lambda step: 1e-2)
+    graphdef, state = train_state.init_state(mcfg, tx, mesh, seed=0)
     step = jax.jit(partial(train.train_step, graphdef), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(2), (16, T + 1), 0, V)
     with jax.set_mesh(mesh):
@@ -68,12 +73,12 @@ def test_z_loss_adds_weight_times_mean_squared_logsumexp(name):
     model = build({**CONFIGS[name], "z_loss": 0.5})
     tokens = jax.random.randint(jax.random.key(3), (2, T + 1), 0, V)
     logits = model(tokens[:, :-1])
-    ce = train.cross_entropy(logits, tokens[:, 1:])
+    ce = cross_entropy(logits, tokens[:, 1:])
     z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
-    np.testing.assert_allclose(train.loss_fn(model, tokens), ce + 0.5 * z, rtol=1e-6)
+    np.testing.assert_allclose(loss_fn(model, tokens), ce + 0.5 * z, rtol=1e-6)
     assert float(z) > 1  # the term is not negligible here, so a dropped term would fail
     no_z = build({**CONFIGS[name], "z_loss": 0.0})  # the same init: weight 0 adds nothing
-    np.testing.assert_allclose(train.loss_fn(no_z, tokens), ce, rtol=1e-6)
+    np.testing.assert_allclose(loss_fn(no_z, tokens), ce, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- parameter counts
@@ -104,18 +109,18 @@ def test_family_parameter_counts_and_flops():
     lstm = build("lstm")
     hand = V * M + (M * 4 * C + C * 4 * C + 4 * C) + (C * 4 * C + C * 4 * C + 4 * C) + C * V
     assert count_params(lstm) == hand
-    assert train.flops_per_token(lstm.cfg) == 6 * (hand - V * M - 2 * 4 * C)  # every matrix but the lookup
+    assert lstm.cfg.flops_per_token() == 6 * (hand - V * M - 2 * 4 * C)  # every matrix but the lookup
     # k-gram, learned: embedding V M, W_in [3 M, C] + bias, one inner C x C + bias, head C V
     M, C = 8, 32
     kgram = build("kgram")
     hand = V * M + 3 * M * C + C + (C * C + C) + C * V
     assert count_params(kgram) == hand
-    assert train.flops_per_token(kgram.cfg) == 6 * (hand - V * M - 2 * C)
+    assert kgram.cfg.flops_per_token() == 6 * (hand - V * M - 2 * C)
     # one-hot: W_in [3, V, C] (a gather, no matmul) + bias, two inner layers, head
     onehot = build("kgram_onehot")
     hand = 3 * V * C + C + 2 * (C * C + C) + C * V
     assert count_params(onehot) == hand
-    assert train.flops_per_token(onehot.cfg) == 6 * (2 * C * C + C * V)
+    assert onehot.cfg.flops_per_token() == 6 * (2 * C * C + C * V)
 
 
 @pytest.mark.parametrize("family,expected", [("decoder", (29.67, 6.93, 3.28)), ("lstm", (30.28, 6.91, 3.23)),
@@ -124,8 +129,8 @@ def test_study_presets_are_30m_7m_3m_at_vocabulary_50257(family, expected):
     for size, millions in zip(("small", "tiny", "pico"), expected):
         cfg = make_cfg(f"study={family}_{size}", "model.vocab_size=50257")
         assert cfg.model.kind == family
-        mcfg = train.model_config(cfg.model)
-        n = count_params(nnx.eval_shape(lambda: train.build_model(mcfg, nnx.Rngs(0))))
+        mcfg = families.model_config(cfg.model)
+        n = count_params(nnx.eval_shape(lambda: families.build_model(mcfg, nnx.Rngs(0))))
         assert abs(n / 1e6 - millions) < 0.005, (family, size, n)  # the count written in the preset and README
         target = {"small": 30, "tiny": 7, "pico": 3}[size]
         assert abs(n / 1e6 - target) / target < 0.1
@@ -222,7 +227,7 @@ def test_family_trains_checkpoints_resumes_samples_and_loads(kind, tiny_cfg, cap
     evals = [(h["step"], h["tokens"]) for h in metrics["history"] if "val_loss" in h]
     assert evals == [(2, 2 * 16 * 32), (3, 3 * 16 * 32)]  # every evaluation, with the tokens seen
     # nothing but the directory: the same function
-    model, loaded_cfg, loop = checkpoint.load(trainer.run_dir)
+    model, loaded_cfg, loop = train_state.load(trainer.run_dir)
     assert loop["step"] == 3 and loaded_cfg.model.kind == kind and type(model) is type(trainer.model)
     tokens = jax.random.randint(jax.random.key(0), (2, 32), 0, 4096)
     np.testing.assert_array_equal(model(tokens), trainer.model(tokens))
@@ -248,18 +253,18 @@ def test_family_trains_checkpoints_resumes_samples_and_loads(kind, tiny_cfg, cap
 ])
 def test_bad_knob_or_family_names_the_key(overrides, match, tiny_cfg):
     with pytest.raises(ConfigError, match=match):
-        train.Trainer(tiny_cfg(*overrides), build_data=False, resume=False)
+        train.Trainer(tiny_cfg(*overrides))
 
 
 def test_relora_and_unknown_family_keys_are_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="model.relora is set but model.kind=lstm"):
-        train.Trainer(tiny_cfg("model.kind=lstm", "+model.relora.r=4"), build_data=False, resume=False)
-    with pytest.raises(ConfigError, match=r"names SwiGLU layers but model.mlp=gelu; target `mlp`"):
-        train.Trainer(tiny_cfg("model.mlp=gelu", "+model.relora.r=4"), build_data=False, resume=False)
+        train.Trainer(tiny_cfg("model.kind=lstm", "+model.relora.r=4"))
+    with pytest.raises(ConfigError, match=r"names \['swiglu'\], which this model lacks \(model.mlp=gelu: its MLP is `mlp`\)"):
+        train.Trainer(tiny_cfg("model.mlp=gelu", "+model.relora.r=4"))
     with pytest.raises(ConfigError, match="unknown config key 'model.lstm.width'"):
-        train.check_keys(make_cfg("+model.lstm.width=3"))
+        config.check_keys(make_cfg("+model.lstm.width=3"))
     with pytest.raises(ConfigError, match=r"model.lstm.width"):
-        train.model_config(dict(kind="lstm", lstm=dict(width=3)))
+        families.model_config(dict(kind="lstm", lstm=dict(width=3)))
 
 
 def test_relora_wraps_the_gelu_mlp_by_its_name():
@@ -271,17 +276,17 @@ def test_relora_wraps_the_gelu_mlp_by_its_name():
 
 
 def test_dynamics_layers_follow_the_mlp_and_catch_typos():
-    gelu = train.model_config({**DECODER, "mlp": "gelu"})
-    layers, note = train.dynamics_layers(gelu, ("attention.v", "swiglu.down", "mlp.down"))
+    gelu = families.model_config({**DECODER, "mlp": "gelu"})
+    layers, note = dynamics.choose_layers(gelu, ("attention.v", "swiglu.down", "mlp.down"))
     assert layers == ("attention.v", "mlp.down") and "skipping ['swiglu.down']" in note
-    assert train.dynamics_layers(train.model_config(DECODER), ("swiglu.down",)) == (("swiglu.down",), None)
+    assert dynamics.choose_layers(families.model_config(DECODER), ("swiglu.down",)) == (("swiglu.down",), None)
     with pytest.raises(ConfigError, match="'swiglu.dwon' is not a layer"):
-        train.dynamics_layers(gelu, ("swiglu.dwon",))
+        dynamics.choose_layers(gelu, ("swiglu.dwon",))
     # the snapshot code finds the GELU MLP's layers by their names
-    model = train.build_model(gelu, nnx.Rngs(0))
+    model = families.build_model(gelu, nnx.Rngs(0))
     graphdef, state = nnx.split((model, model))  # dynamics_step merges a (model, optimizer) pair
     tokens = jax.random.randint(jax.random.key(0), (4, T + 1), 0, V)
-    out = jax.jit(partial(checkpoint.dynamics_step, graphdef, layers=layers))(state, tokens)
+    out = jax.jit(partial(dynamics.dynamics_step, graphdef, layers=layers))(state, tokens)
     assert out["activations/blocks.1.mlp.down"].shape == (4, gelu.d_model)
     np.testing.assert_array_equal(out["weights/blocks.0.mlp.down"], model.blocks[0].mlp.down.kernel[...])
     assert np.abs(out["gradients/blocks.0.mlp.down"]).sum() > 0
@@ -320,7 +325,7 @@ def test_multirun_writes_one_run_per_job_and_report_compares_them(corpus_cache, 
         assert 0 < metrics["final"]["greedy_distinct_1"] <= 1 and 0 < metrics["final"]["distinct_5"] <= 1
     assert not (tmp_path / "runs").exists()  # not every job into runs/<name>
     for job, name in ((0, "KGramMLP"), (1, "Decoder")):  # each model from its directory alone
-        model, _, loop = checkpoint.load(sweep / str(job))
+        model, _, loop = train_state.load(sweep / str(job))
         assert type(model).__name__ == name and loop["step"] == 2
     assert (model.cfg.pos_encoding, model.cfg.norm_placement, model.cfg.mlp, model.cfg.tie_embeddings) == \
         ("absolute", "post", "gelu", True)

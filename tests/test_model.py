@@ -10,6 +10,9 @@ from flax import nnx
 import train
 from conftest import make_cfg
 from model import Decoder, ModelConfig, blockwise_attention, count_params, generate
+import config
+import train_state
+from loss import loss_fn
 
 SMALL = ModelConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_hidden=64,
                     dtype="float32")
@@ -57,7 +60,7 @@ def test_tpu_composition_with_override():
     cfg = make_cfg("opt.peak_lr=0.004", config="tpu")
     assert cfg.opt.peak_lr == 0.004 and cfg.name == "tpu"
     assert cfg.model.d_model == 768 and cfg.model.d_hidden == 3072 and cfg.model.dtype == "bfloat16"
-    train.check_keys(cfg)  # every key is one base.yaml knows
+    config.check_keys(cfg)  # every key is one base.yaml knows
     for name in ("local", "colab", "gpu", "tpu"):
         ModelConfig.from_dict(make_cfg(config=name).model)
 
@@ -79,8 +82,8 @@ def test_kv_cache_matches_full_recomputation():
 
 
 def _steps(mesh, n_steps=2, grad_accum=1):
-    tx = train.make_tx(make_cfg().opt, lambda step: 1e-2)
-    graphdef, state = train.init_state(SMALL, tx, mesh, seed=0)
+    tx = train_state.make_tx(make_cfg().opt, lambda step: 1e-2)
+    graphdef, state = train_state.init_state(SMALL, tx, mesh, seed=0)
     step = jax.jit(partial(train.train_step, graphdef, grad_accum=grad_accum))
     tokens = jax.random.randint(jax.random.key(2), (16, SMALL.seq_len + 1), 0, SMALL.vocab_size)
     losses = []
@@ -97,14 +100,14 @@ def test_sharded_step_matches_single_device_and_shards_one_eighth():
                         devices=jax.devices()[:1])
     ref_losses, ref_state = _steps(one)
     for data_size, fsdp_size in ((1, 8), (2, 4)):
-        losses, state = _steps(train.make_mesh(data_size, fsdp_size))
+        losses, state = _steps(train_state.make_mesh(data_size, fsdp_size))
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
         # Adam divides by sqrt(v): reduction-order noise in near-zero gradients moves a parameter by up to
         # ~1e-4 x lr; a wrong sharding moves it by ~lr (1e-2).
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     # with 8-way FSDP, each device holds 1/8 of a weight and of its Adam moments
-    _, state = _steps(train.make_mesh(1, 8), n_steps=1)
+    _, state = _steps(train_state.make_mesh(1, 8), n_steps=1)
     up_like = [x for x in jax.tree.leaves(state) if x.shape == (SMALL.d_model, SMALL.d_hidden)]
     # gate and up kernels of each layer, and the head (V = F here): param, Adam mu, Adam nu
     assert len(up_like) == 3 * (2 * SMALL.n_layers + 1)
@@ -113,7 +116,7 @@ def test_sharded_step_matches_single_device_and_shards_one_eighth():
 
 
 def test_grad_accumulation_matches_one_big_batch():
-    mesh = train.make_mesh(1, 8)
+    mesh = train_state.make_mesh(1, 8)
     one, _ = _steps(mesh, n_steps=2)
     acc, _ = _steps(mesh, n_steps=2, grad_accum=2)
     np.testing.assert_allclose(acc, one, rtol=1e-5)
@@ -121,9 +124,9 @@ def test_grad_accumulation_matches_one_big_batch():
 
 def test_remat_matches_no_remat():
     model = Decoder(SMALL, nnx.Rngs(0))
-    remat = Decoder(ModelConfig(**{**SMALL.__dict__, "remat": True}), nnx.Rngs(0))
+    remat = Decoder(ModelConfig(**{**SMALL.__dict__, "remat": "block"}), nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, SMALL.vocab_size)
-    g1 = nnx.grad(train.loss_fn)(model, tokens)
-    g2 = nnx.grad(train.loss_fn)(remat, tokens)
+    g1 = nnx.grad(loss_fn)(model, tokens)
+    g2 = nnx.grad(loss_fn)(remat, tokens)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

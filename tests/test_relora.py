@@ -15,6 +15,9 @@ import relora
 import train
 from conftest import make_cfg
 from model import ConfigError, Decoder, Linear, ModelConfig, count_params
+import config
+import train_state
+from loss import loss_fn
 
 SMALL = ModelConfig(vocab_size=64, seq_len=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_hidden=64,
                     dtype="float32")
@@ -30,12 +33,12 @@ def mesh_of(data_size, fsdp_size):
     if data_size * fsdp_size == 1:
         return jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                              devices=jax.devices()[:1])
-    return train.make_mesh(data_size, fsdp_size)
+    return train_state.make_mesh(data_size, fsdp_size)
 
 
 @functools.cache
 def adamw():
-    return train.make_tx(make_cfg().opt, 1e-2)
+    return train_state.make_tx(make_cfg().opt, 1e-2)
 
 
 @functools.cache
@@ -46,7 +49,7 @@ def jitted_step(rc):  # one compilation per config and sharding, shared by the t
 def run_steps(rc, mesh, n_steps, merge=True, start=None, mcfg=SMALL):
     """n_steps ReLoRA steps (merge-and-reset every rc.reset_frequency if `merge`) from a new model or from
     start = (graphdef, state): graphdef, state, losses."""
-    graphdef, state = start or train.init_state(mcfg, adamw(), mesh, 0, rc)
+    graphdef, state = start or train_state.init_state(mcfg, adamw(), mesh, 0, rc)
     losses = []
     with jax.set_mesh(mesh):
         tokens = jax.device_put(TOKENS, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))
@@ -65,7 +68,7 @@ def forward(graphdef, state, tokens):  # of a model's graphdef and state
 
 @partial(jax.jit, static_argnums=0)
 def grads(graphdef, state, tokens):
-    return nnx.grad(train.loss_fn)(nnx.merge(graphdef, state), tokens)
+    return nnx.grad(loss_fn)(nnx.merge(graphdef, state), tokens)
 
 
 def logits(graphdef, state):  # of a (model, optimizer) state
@@ -90,7 +93,7 @@ def test_config_keys_are_validated_and_the_example_config_composes():
     with pytest.raises(ConfigError, match="restart_warmup_steps"):
         relora.ReLoRAConfig.from_dict({"reset_frequency": 10, "restart_warmup_steps": 50})
     cfg = make_cfg(config="relora")
-    train.check_keys(cfg)
+    config.check_keys(cfg)
     rc = relora.ReLoRAConfig.from_dict(cfg.model.relora, cfg.seed)
     assert rc.target_modules == ("swiglu", "attention") and rc.warm_start_steps > 0
     assert set(OmegaConf.to_container(cfg.model.relora)) == {f for f in relora.ReLoRAConfig.__dataclass_fields__} - {"seed"}
@@ -127,8 +130,8 @@ def test_lora_dropout_only_in_training():
     model = relora.wrap(Decoder(SMALL, nnx.Rngs(0)), rc)
     for layer in relora.lora_layers(model):
         layer.B[...] = jnp.full(layer.B.shape, 0.1)
-    graphdef, state = nnx.split((model, nnx.Optimizer(model, train.make_tx(make_cfg().opt, 1e-2), wrt=nnx.Param)))
-    forward = lambda g, s, t: (s, dict(logits=nnx.merge(g, s)[0](t)))
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, train_state.make_tx(make_cfg().opt, 1e-2), wrt=nnx.Param)))
+    forward = lambda g, s, t, dropout_key: (s, dict(logits=relora.in_training(nnx.merge(g, s)[0], dropout_key)(t)))
     in_training = lambda rc: np.asarray(jax.jit(relora.training_step(forward, rc), static_argnums=0)(
         graphdef, state, TOKENS[:, :-1])[1]["logits"])
     plain = logits(graphdef, state)  # evaluation, sampling: the model called outside training_step
@@ -142,7 +145,7 @@ def test_lora_dropout_only_in_training():
 def fresh():
     """A new rank-8 model with trainable scaling, resets every 3 steps, on one device (tests copy it)."""
     rc = rcfg(r=8, reset_frequency=3, trainable_scaling=True)
-    return (rc, *train.init_state(SMALL, adamw(), mesh_of(1, 1), 0, rc))
+    return (rc, *train_state.init_state(SMALL, adamw(), mesh_of(1, 1), 0, rc))
 
 
 copy = jax.jit(lambda state: jax.tree.map(jnp.copy, state))  # merge_and_reset and the step donate their input
@@ -188,7 +191,7 @@ def test_merge_keeps_function_and_shardings_fsdp8_matches_one_device_trainable_s
 
 def test_remat_trains_a_wrapped_model_like_no_remat(trained):
     rc, _, _, ref_losses = trained  # the frozen W comes from outside the gradient's trace: remat must not write it
-    _, _, losses = run_steps(rc, mesh_of(1, 1), 1, mcfg=dataclasses.replace(SMALL, remat=True))
+    _, _, losses = run_steps(rc, mesh_of(1, 1), 1, mcfg=dataclasses.replace(SMALL, remat="block"))
     np.testing.assert_allclose(losses, ref_losses[:1], rtol=1e-6)
 
 
@@ -253,7 +256,7 @@ def test_adam_state_covers_only_trainable_params(fresh):
 def test_jagged_schedule_matches_hand_computed_table():
     # envelope: warmup 0 -> 1 over 2 steps, then 0.1 + 0.45 (1 + cos(pi (t - 2) / 20)) down to 0.1 at t = 22
     o = OmegaConf.create(dict(peak_lr=1.0, warmup_steps=2, decay="cosine", min_lr_ratio=0.1))
-    env = train.lr_schedule(o, 22)
+    env = train_state.lr_schedule(o, 22)
     # resets after steps 5, 10, 15, 20: lr 0 there, then (t - t_k) / 2 x envelope(t_k + 2)
     table = {0: 0.0, 1: 0.5, 2: 1.0, 4: 0.977975, 5: 0.0, 6: 0.434099, 7: 0.868198, 9: 0.754296, 10: 0.0,
              11: 0.275, 12: 0.55, 15: 0.0, 16: 0.115901, 17: 0.231802, 20: 0.0, 21: 0.05, 22: 0.1}

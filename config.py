@@ -1,0 +1,51 @@
+"""The run config: base.yaml's keys, the resolvers it uses, and the one check for keys nobody defines.
+
+A module of its own, below every other one (it imports omegaconf and hydra only), because the model, the families,
+ReLoRA, the trainer and analyze.py all reject unknown keys the same way and raise the same ConfigError.
+"""
+import math
+from pathlib import Path
+
+from hydra import compose as hydra_compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+RESOLVERS = {"mul": lambda *xs: math.prod(xs)}  # ${mul:a,b} = a * b (base.yaml: d_hidden = 4 d_model)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the key and the fix."""
+
+
+def register_resolvers():
+    """Make base.yaml's resolvers known to OmegaConf (idempotent); called before anything reads a config."""
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def compose(name: str = "local", overrides=()):
+    """The config `python main.py -cn NAME overrides...` runs with (for notebooks, tests and benchmarks)."""
+    register_resolvers()
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        return hydra_compose(name, overrides=list(overrides))
+
+
+def reject_unknown(given, known, prefix: str = "", what: str = "config key", error=ConfigError):
+    """Raise `error` naming every key of `given` that `known` lacks (prefix: where they sit, e.g. "model.")."""
+    unknown = sorted(str(k) for k in given if k not in known)
+    if unknown:
+        names = ", ".join(f"'{prefix}{k}'" for k in unknown)
+        raise error(f"unknown {what}{'s' if len(unknown) > 1 else ''} {names}; known keys here: "
+                    f"{[str(k) for k in known if k != 'defaults']}")
+
+
+def check_keys(cfg, ref=None, prefix: str = ""):
+    """Reject keys that base.yaml does not define (a typo in an override or a config file). model.relora's keys
+    are ReLoRAConfig's, the families' sub-blocks their configs': those check themselves."""
+    register_resolvers()
+    ref = OmegaConf.load(CONFIGS / "base.yaml") if ref is None else ref
+    reject_unknown(cfg, ref, prefix)
+    for k in cfg:
+        if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]) and f"{prefix}{k}" != "model.relora":
+            check_keys(cfg[k], ref[k], f"{prefix}{k}.")

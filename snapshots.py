@@ -1,0 +1,70 @@
+"""Learning-dynamics snapshot files (SPEC §3): where they live, how they are written and read back.
+
+A module of its own, apart from dynamics.py (which computes snapshots with jax), so that analyze.py and anyone
+with numpy and safetensors alone can read a run's snapshots on a laptop, with no jax, orbax or flax imported.
+
+    <run_dir>/learning_dynamics/<step>/{train,eval}.safetensors
+    activations/blocks.<i>.<layer>     [N, out]  the layer's output at the last token of each sequence
+    weights/blocks.<i>.<layer>         [in, out] its kernel (y = x @ W; a ReLoRA layer: W + scale (B A)^T)
+    weights_base/blocks.<i>.<layer>    [in, out] ReLoRA layers only: the frozen W (earlier merges included)
+    weights_update/blocks.<i>.<layer>  [in, out] ReLoRA layers only: scale (B A)^T, the current branch (0 right
+                                       after a merge-and-reset); base + update == weights exactly
+    gradients/blocks.<i>.<layer>       [in, out] d loss / d kernel on that batch
+    tokens                             [N, T+1]  the batch itself (train split only)
+`train` is the batch the trainer draws at that step (the one the next update uses); `eval` is the first
+eval.batch_size sequences of valid.bin, the same at every step. Layers: checkpoint.dynamics.layers per block.
+"""
+import os
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+SPLITS = ("train", "eval")
+
+
+class SnapshotError(ValueError):
+    """Snapshots that are not there; the message names the folder and the steps present."""
+
+
+def step_dir(run_dir, step: int) -> Path:
+    return Path(run_dir).expanduser() / "learning_dynamics" / str(step)
+
+
+def stored_steps(run_dir) -> list[int]:
+    """The steps with at least one snapshot file, ascending."""
+    root = Path(run_dir).expanduser() / "learning_dynamics"
+    return sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and any(p.glob("*.safetensors"))) \
+        if root.is_dir() else []
+
+
+def write(directory, split: str, arrays: dict, tokens=None):
+    """One split's arrays (numpy, keyed `<kind>/<layer>`) as `<split>.safetensors`, atomically. A ReLoRA layer's
+    `weights/...` is summed here from its base and update, so that the stored terms add up to it exactly (inside
+    XLA the add fuses with the scale into an FMA, an ulp away from the sum of the rounded terms)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    for key in [k for k in arrays if k.startswith("weights_base/")]:
+        name = key.partition("/")[2]
+        arrays[f"weights/{name}"] = arrays[key] + arrays[f"weights_update/{name}"]
+    if tokens is not None:
+        arrays["tokens"] = np.asarray(tokens).astype(np.int32)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{split}.safetensors.tmp"
+    save_file(arrays, str(tmp))
+    os.replace(tmp, directory / f"{split}.safetensors")
+
+
+def load(run_dir, step: int) -> dict:
+    """The snapshot of `step` as numpy arrays keyed (split, kind, layer); the training batch's token ids under
+    ("train", "tokens", None)."""
+    root = step_dir(run_dir, step)
+    if not root.is_dir():
+        raise SnapshotError(f"no learning-dynamics data for step {step} in {root.parent} (steps present: "
+                            f"{stored_steps(run_dir)})")
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        for key, value in load_file(str(f)).items():
+            kind, _, layer = key.partition("/")
+            out[(f.stem, kind, layer or None)] = value
+    return out

@@ -1,0 +1,140 @@
+"""The train state of a run: the mesh, the (model, optimizer) pair built directly sharded, the layout a checkpoint
+of a given step has, and the inference loader that rebuilds a model from a checkpoint directory alone.
+
+A module of its own, between the pieces (families, ReLoRA, Orbax) and their users, because the trainer and
+`load` (generate.py, export.py, a notebook) must build exactly the same state to restore into; the trainer's
+step and loop (train.py) are not needed to load a model.
+The state is functional NNX: `nnx.split((model, optimizer))` gives a static graphdef and a pytree of arrays,
+FSDP-sharded from the SHARDING table in model.py.
+"""
+from pathlib import Path
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from omegaconf import OmegaConf
+
+import relora
+from checkpoint import CheckpointError, Checkpoints, abstract_like
+from config import ConfigError
+from families import build_model, model_config
+
+
+def make_mesh(data_size: int, fsdp_size: int) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over every device; -1 on one axis takes all the devices the other leaves."""
+    n = jax.device_count()
+    if fsdp_size == -1 and data_size > 0 and n % data_size == 0:
+        fsdp_size = n // data_size
+    elif data_size == -1 and fsdp_size > 0 and n % fsdp_size == 0:
+        data_size = n // fsdp_size
+    if data_size * fsdp_size != n or data_size < 1:
+        raise ConfigError(f"mesh.data={data_size} x mesh.fsdp={fsdp_size} does not match the {n} devices here; "
+                          f"make the product {n} (or set one of them to -1)")
+    return jax.make_mesh((data_size, fsdp_size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+
+
+def lr_schedule(o, steps: int):
+    """Linear warmup to opt.peak_lr, then cosine or linear decay to opt.min_lr_ratio x peak at `steps`."""
+    warm = optax.linear_schedule(0.0, o.peak_lr, max(o.warmup_steps, 1))
+    rest = max(steps - o.warmup_steps, 1)
+    if o.decay == "cosine":
+        decay = optax.cosine_decay_schedule(o.peak_lr, rest, alpha=o.min_lr_ratio)
+    elif o.decay == "linear":
+        decay = optax.linear_schedule(o.peak_lr, o.peak_lr * o.min_lr_ratio, rest)
+    elif o.decay == "constant":
+        decay = optax.constant_schedule(o.peak_lr)
+    else:
+        raise ConfigError(f"opt.decay={o.decay!r}; use cosine, linear or constant")
+    return optax.join_schedules([warm, decay], [o.warmup_steps])
+
+
+def make_tx(o, schedule):
+    """AdamW with global-norm clipping; weight decay on matrices only (not norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm else optax.identity(),
+        optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
+
+
+def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None):
+    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. With `lora`, the
+    model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only."""
+    def build():
+        model = build_model(mcfg, nnx.Rngs(seed))
+        if lora is not None:
+            relora.wrap(model, lora)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with jax.set_mesh(mesh):
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+        shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), nnx.get_partition_spec(abstract_state))
+        state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return graphdef, state
+
+
+def build(cfg, mesh):
+    """Everything a run config's state is made of, at step 0: (model config, ReLoRA plan, LR schedule, graphdef,
+    state). Bad model or ReLoRA keys fail here, before anything compiles."""
+    mcfg = model_config(cfg.model)
+    if mcfg.linears() and mcfg.d_model % mesh.shape["fsdp"]:  # the decoder; the other families are replicated
+        raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh.shape['fsdp']}: FSDP "
+                          f"shards every weight along d_model; pick a mesh.fsdp that divides it")
+    plan = relora.plan(cfg.model.get("relora"), cfg.seed, mcfg)
+    schedule = plan.schedule(lr_schedule(cfg.opt, cfg.train.steps))
+    graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0))
+    return mcfg, plan, schedule, graphdef, state
+
+
+def saved_model_block(block) -> dict:
+    """A checkpoint's `model:` block as this machine and version can run it: the boolean model.remat of checkpoints
+    from before the remat policies is `block` / `none`; a GPU run's attention=cudnn is auto (cuDNN on a GPU, XLA
+    elsewhere)."""
+    block = dict(block)
+    if isinstance(block.get("remat"), bool):
+        block["remat"] = "block" if block["remat"] else "none"
+    if block.get("attention") == "cudnn":
+        block["attention"] = "auto"
+    return block
+
+
+def check_same_model(saved_block, mcfg, where):
+    """Refuse a checkpoint made by another model: the fields that define the parameters must agree (keys a checkpoint
+    predates take their defaults; dtype, attention, remat, scan_layers and loss_chunk may differ)."""
+    saved, now = model_config(saved_model_block(saved_block)).param_fields(), mcfg.param_fields()
+    diff = {k: (saved.get(k), now.get(k)) for k in dict(saved) | now if saved.get(k) != now.get(k)}
+    if diff:
+        desc = ", ".join(f"model.{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"the checkpoint in {where} was made by a different model ({desc}); use the "
+                              f"checkpoint's model config or a new run_dir")
+
+
+def restore(ckpts: Checkpoints, step: int, mcfg, plan, graphdef, state, mesh):
+    """(graphdef, state, loop) of checkpoint `step`, after checking it was made by this model, in the layout it was
+    saved in and with the shardings of `state` on `mesh`."""
+    check_same_model(ckpts.config(step)["model"], mcfg, ckpts.dir / str(step))
+    with jax.set_mesh(mesh):
+        graphdef, state = plan.layout_at(step, graphdef, state)
+    state, loop = ckpts.restore(step, abstract_like(state))
+    return graphdef, state, loop
+
+
+def load(path, step: int | None = None):
+    """A trained model from nothing but a checkpoint directory (a run's checkpoint dir, or a run dir holding
+    `checkpoints/`): returns (model, config, loop) with the model on this host's devices."""
+    path = Path(path).expanduser()
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    ckpts = Checkpoints(path, keep=None, use_async=False)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"no complete checkpoint in {path}")
+    cfg = OmegaConf.create(ckpts.config(step))
+    cfg.model = saved_model_block(cfg.model)
+    cfg.mesh.data, cfg.mesh.fsdp = 1, -1  # this host's devices, whatever the run used
+    mesh = make_mesh(1, -1)
+    mcfg, plan, _, graphdef, state = build(cfg, mesh)
+    graphdef, state, loop = restore(ckpts, step, mcfg, plan, graphdef, state, mesh)
+    return nnx.merge(graphdef, state)[0], cfg, loop
