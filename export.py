@@ -1,20 +1,23 @@
-"""Hugging Face Llama export and import: a picojax Decoder <-> a `transformers.LlamaForCausalLM` checkpoint folder
-(config.json + model.safetensors).
+"""Hugging Face Llama and pico-train's PicoDecoderHF, export and import: a picojax Decoder <-> a checkpoint folder
+(config.json + model.safetensors) that `transformers.LlamaForCausalLM` or pico's own code loads.
 
-    python export.py runs/local hf/local              # the latest checkpoint of a run (or of a checkpoint dir)
-    python export.py runs/local hf/local --step 1000  # a given step
+    python export.py runs/local hf/local                  # the latest checkpoint of a run, as a Llama
+    python export.py runs/local hf/local --step 1000      # a given step
+    python export.py runs/local pico/local --format pico  # as pico-train writes its models (PicoDecoderHF)
 
-A module of its own because it is the one place that knows Hugging Face's names and layouts, and because nothing
-in training needs it: the trainer never imports it, and exporting needs neither `transformers` nor `torch` (the
-weights are written with `safetensors` alone; the parity tests load them with transformers).
-
-The pico-decoder is a Llama (SPEC §1) so the conversion is a renaming plus layouts:
+A module of its own because it is the one place that knows other libraries' names and layouts, and because
+nothing in training needs it: exporting needs neither `transformers` nor `torch` (the weights are written with
+`safetensors` alone; the parity tests load them with transformers). The pico-decoder is a Llama (SPEC §1), so the
+conversion is a renaming plus layouts:
     picojax Linear kernel [in, out] (y = x @ W)  ->  torch Linear weight [out, in]  (transpose)
-    embed [V, D]                                 ->  model.embed_tokens.weight [V, D]
-    head kernel [D, V]                           ->  lm_head.weight [V, D] (untied; tied: tie_word_embeddings)
-    RMSNorm scale [D]                            ->  *_layernorm.weight / model.norm.weight
-RoPE needs no q / k permutation: picojax rotates halves (model.apply_rope), as Hugging Face Llama does; the
-parity tests (tests/test_export.py) check it. A ReLoRA-wrapped model exports its merged weights W + scale (B A)^T.
+    embed [V, D]                                 ->  model.embed_tokens.weight / pico_decoder.embedding_proj.weight
+    head kernel [D, V]                           ->  lm_head.weight / pico_decoder.de_embedding_proj.weight [V, D]
+    RMSNorm scale [D]                            ->  *_layernorm.weight / model.norm.weight (pico: *_norm.weight)
+Llama rotates halves in RoPE, as picojax does (model.apply_rope), so q and k need no permutation; pico-train
+rotates interleaved pairs, so the rows of q_proj and k_proj are permuted within each head (SPEC §5, `rope_rows`).
+A ReLoRA-wrapped model exports its merged weights W + scale (B A)^T. The tokenizer goes with the weights, with its
+special tokens declared (tokenizer_config.json, generation_config.json), so AutoTokenizer and lm-eval's `hf` model
+load the folder as it is.
 """
 import argparse
 import json
@@ -35,9 +38,18 @@ from checkpoint import CheckpointError
 from config import ConfigError
 from model import BLOCK_LINEARS, Decoder, ModelConfig
 
-# picojax module path under blocks.<i> -> Hugging Face Llama name under model.layers.<i> (model.BLOCK_LINEARS)
-LINEARS = {ours: names[0] for ours, names in BLOCK_LINEARS.items() if names[0]}
-NORMS = {"attention_norm": "input_layernorm", "swiglu_norm": "post_attention_layernorm"}
+# Each format's names: the model's own tensors, then per block (under <layers>.<i>) its norms and linear layers
+# (model.BLOCK_LINEARS); (q, k) rows permuted for pico-train's interleaved RoPE.
+FORMATS = {
+    "hf": dict(embed="model.embed_tokens.weight", norm="model.norm.weight", head="lm_head.weight",
+               layers="model.layers", norms={"attention_norm": "input_layernorm",
+                                             "swiglu_norm": "post_attention_layernorm"},
+               linears={ours: names[0] for ours, names in BLOCK_LINEARS.items() if names[0]}, interleaved=False),
+    "pico": dict(embed="pico_decoder.embedding_proj.weight", norm="pico_decoder.output_norm.weight",
+                 head="pico_decoder.de_embedding_proj.weight", layers="pico_decoder.layers",
+                 norms={"attention_norm": "attention_norm", "swiglu_norm": "swiglu_norm"},
+                 linears={ours: names[1] for ours, names in BLOCK_LINEARS.items() if names[1]}, interleaved=True),
+}
 
 
 # research knobs (model.py) that a Hugging Face Llama cannot represent, and the value it has
@@ -69,43 +81,92 @@ def hf_config(cfg: ModelConfig) -> dict:
     )
 
 
-def hf_state_dict(model: Decoder) -> dict[str, np.ndarray]:
-    """The model's weights under Hugging Face Llama names and layouts, as float32 numpy arrays (no lm_head.weight
-    with tied embeddings: Llama then reads the embedding)."""
+def rope_rows(n_heads: int, head_dim: int) -> np.ndarray:
+    """ours[j] = pico[rope_rows[j]] for the output rows of q_proj / k_proj: within each head, pico-train's even rows
+    (the first of each interleaved pair) then its odd rows, the halves picojax rotates (SPEC §5)."""
+    per_head = np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+    return (np.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)
+
+
+def state_dict(model: Decoder, fmt: str = "hf") -> dict[str, np.ndarray]:
+    """The model's weights under a format's names and layouts, as float32 numpy arrays ([out, in]; no head with
+    tied embeddings in `hf`, where Llama then reads the embedding; pico-train's head is always untied)."""
     check_llama(model.cfg)
+    f, c = FORMATS[fmt], model.cfg
     host = lambda x: np.asarray(jax.device_get(x), np.float32)
-    out = {"model.embed_tokens.weight": host(model.embed[...]),
-           "model.norm.weight": host(model.norm.scale[...])}
-    if not model.cfg.tie_embeddings:
-        out["lm_head.weight"] = host(model.head.kernel[...]).T
+    out = {f["embed"]: host(model.embed[...]), f["norm"]: host(model.norm.scale[...])}
+    if not c.tie_embeddings or fmt == "pico":
+        out[f["head"]] = host(model.head_kernel()).T
+    back = np.argsort(rope_rows(1, c.head_dim))  # pico[i] = ours[back[i]] within a head
     for i, block in enumerate(model.blocks):
-        for ours, theirs in LINEARS.items():
+        for ours, theirs in f["linears"].items():
             parent, name = ours.split(".")
             # a ReLoRA layer's merged kernel W + scale (B A)^T, by relora's own merge (the model stays as it is)
-            out[f"model.layers.{i}.{theirs}.weight"] = host(getattr(getattr(block, parent), name).merged_kernel()).T
-        for ours, theirs in NORMS.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = host(getattr(block, ours).scale[...])
+            w = host(getattr(getattr(block, parent), name).merged_kernel()).T  # [out, in]
+            if f["interleaved"] and name in ("q", "k"):
+                w = w.reshape(-1, c.head_dim, w.shape[1])[:, back].reshape(w.shape)
+            out[f"{f['layers']}.{i}.{theirs}.weight"] = w
+        for ours, theirs in f["norms"].items():
+            out[f"{f['layers']}.{i}.{theirs}.weight"] = host(getattr(block, ours).scale[...])
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def export_hf(model: Decoder, out_dir) -> Path:
-    """Write config.json and model.safetensors, loadable with `LlamaForCausalLM.from_pretrained(out_dir)`."""
-    check_llama(model.cfg)  # before anything is written
+def pico_config(cfg: ModelConfig, batch_size: int | None = None) -> dict:
+    """config.json of the PicoDecoderHF equal to `cfg` (pico-train's model fields, SPEC §5)."""
+    out = dict(architectures=["PicoDecoderHF"], model_type="pico_decoder", d_model=cfg.d_model,
+               n_layers=cfg.n_layers, vocab_size=cfg.vocab_size, max_seq_len=cfg.seq_len,
+               attention_n_heads=cfg.n_heads, attention_n_kv_heads=cfg.n_kv_heads, activation_hidden_dim=cfg.d_hidden,
+               norm_eps=cfg.norm_eps, position_emb_theta=cfg.rope_theta)
+    return out | ({"batch_size": batch_size} if batch_size else {})
+
+
+def export(model: Decoder, out_dir, fmt: str = "hf", tokenizer=None, batch_size: int | None = None) -> Path:
+    """Write config.json and model.safetensors (and, given a tokenizer.json, the tokenizer files): loadable with
+    `LlamaForCausalLM.from_pretrained(out_dir)` (fmt hf) or pico's PicoDecoderHF (fmt pico). Nothing is written
+    for a model the format cannot hold."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format {fmt!r}; use one of {list(FORMATS)}")
+    tensors = state_dict(model, fmt)  # refuses before anything is written
+    config = hf_config(model.cfg) if fmt == "hf" else pico_config(model.cfg, batch_size)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        config |= tokenizer_files(tokenizer, out, model.cfg.seq_len)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
+def export_hf(model: Decoder, out_dir, tokenizer=None) -> Path:
+    return export(model, out_dir, "hf", tokenizer)
+
+
+def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
+    """The run's tokenizer.json, with tokenizer_config.json and generation_config.json declaring its special token
+    (data.EOT, GPT-2 style: it begins and ends documents) so that AutoTokenizer gives eos / bos ids; returns the
+    token ids for config.json. A tokenizer without data.EOT declares none."""
+    shutil.copy(tokenizer_json, out / "tokenizer.json")
+    eot = data.load_tokenizer(tokenizer_json).token_to_id(data.EOT)
+    special = {} if eot is None else dict(bos_token=data.EOT, eos_token=data.EOT, unk_token=data.EOT)
+    ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", model_max_length=seq_len, add_bos_token=False,
+        add_eos_token=False, clean_up_tokenization_spaces=False, **special), indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(dict(_from_model_config=True, **ids), indent=2) + "\n")
+    return ids
+
+
 def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
-    """A Hugging Face Llama checkpoint folder (config.json and one or more *.safetensors) as a picojax Decoder
-    with compute dtype `dtype` (parameters are float32, as in training), and its ModelConfig."""
+    """A checkpoint folder (config.json and one or more *.safetensors) of a Hugging Face Llama, or of pico-train /
+    pico-lm's PicoDecoderHF (config.json model_type pico_decoder), as a picojax Decoder with compute dtype `dtype`
+    (parameters are float32, as in training), and its ModelConfig."""
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
-        raise ConfigError(f"{path} holds no config.json; point import_hf at a Hugging Face model folder")
+        raise ConfigError(f"{path} holds no config.json; point it at a Hugging Face Llama or pico-decoder folder")
     hf = json.loads((path / "config.json").read_text())
-    cfg = from_hf_config(hf, path, dtype)
+    fmt = "pico" if hf.get("model_type") == "pico_decoder" else "hf"
+    cfg = from_pico_config(hf, path, dtype) if fmt == "pico" else from_hf_config(hf, path, dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path} holds no *.safetensors weights (PyTorch .bin files: re-save the model with "
@@ -113,23 +174,30 @@ def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
     weights = {}
     for f in files:
         weights.update(load_flax(str(f)))
-    if hf.get("tie_word_embeddings") and "lm_head.weight" not in weights:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # a tied head becomes an untied copy
+    f = FORMATS[fmt]
+    if fmt == "pico" and f["embed"] not in weights:  # saved from the inner module: no `pico_decoder.` prefix
+        weights = {f"pico_decoder.{k}": v for k, v in weights.items()}
+    if hf.get("tie_word_embeddings") and f["head"] not in weights:
+        weights[f["head"]] = weights[f["embed"]]  # a tied head becomes an untied copy
 
     def take(name, transpose=False):
         if name not in weights:
-            raise ConfigError(f"{path} has no tensor {name!r}; is it a Llama checkpoint?")
+            raise ConfigError(f"{path} has no tensor {name!r}; is it a {'pico-decoder' if fmt == 'pico' else 'Llama'} "
+                              f"checkpoint?")
         w = jnp.asarray(weights[name], jnp.float32)
         return w.T if transpose else w
 
+    rows = rope_rows(1, cfg.head_dim)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
-    new = {("embed",): take("model.embed_tokens.weight"), ("norm", "scale"): take("model.norm.weight"),
-           ("head", "kernel"): take("lm_head.weight", transpose=True)}
+    new = {("embed",): take(f["embed"]), ("norm", "scale"): take(f["norm"]), ("head", "kernel"): take(f["head"], True)}
     for i in range(cfg.n_layers):
-        for ours, theirs in LINEARS.items():
-            new[("blocks", i, *ours.split("."), "kernel")] = take(f"model.layers.{i}.{theirs}.weight", transpose=True)
-        for ours, theirs in NORMS.items():
-            new[("blocks", i, ours, "scale")] = take(f"model.layers.{i}.{theirs}.weight")
+        for ours, theirs in f["linears"].items():
+            w = take(f"{f['layers']}.{i}.{theirs}.weight")  # [out, in]
+            if f["interleaved"] and ours in ("attention.q", "attention.k"):
+                w = w.reshape(-1, cfg.head_dim, w.shape[1])[:, rows].reshape(w.shape)
+            new[("blocks", i, *ours.split("."), "kernel")] = w.T
+        for ours, theirs in f["norms"].items():
+            new[("blocks", i, ours, "scale")] = take(f"{f['layers']}.{i}.{theirs}.weight")
     flat = []
     for p, v in nnx.to_flat_state(state):
         if v.shape != new[p].shape:
@@ -137,6 +205,25 @@ def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
                               f"{v.shape}")
         flat.append((p, v.replace(new[p])))
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+
+
+import_pico = import_hf  # the same reader: it tells the two formats apart by config.json's model_type
+
+
+def from_pico_config(pc: dict, path, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a PicoDecoderHF config.json (pico-train's field names, SPEC §5)."""
+    missing = [k for k in ("d_model", "n_layers", "vocab_size", "attention_n_heads") if k not in pc]
+    if missing:
+        raise ConfigError(f"{path}/config.json: model_type pico_decoder but no {missing}; is it a pico-train model?")
+    cfg = ModelConfig(
+        vocab_size=pc["vocab_size"], seq_len=pc.get("max_seq_len", 2048), d_model=pc["d_model"],
+        n_layers=pc["n_layers"], n_heads=pc["attention_n_heads"],
+        n_kv_heads=pc.get("attention_n_kv_heads") or pc["attention_n_heads"],
+        d_hidden=pc.get("activation_hidden_dim", 4 * pc["d_model"]), rope_theta=float(pc.get("position_emb_theta",
+                                                                                                 10000.0)),
+        norm_eps=pc.get("norm_eps", 1e-6), dtype=dtype)
+    cfg.validate()
+    return cfg
 
 
 def from_hf_config(hf: dict, path, dtype: str = "float32") -> ModelConfig:
@@ -164,19 +251,19 @@ def from_hf_config(hf: dict, path, dtype: str = "float32") -> ModelConfig:
 
 
 def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description="Export a picojax checkpoint as a Hugging Face LlamaForCausalLM folder.")
+    p = argparse.ArgumentParser(description="Export a picojax checkpoint as a Hugging Face LlamaForCausalLM or a "
+                                            "pico-train PicoDecoderHF folder.")
     p.add_argument("src", help="a run directory (holding checkpoints/) or a checkpoint directory")
-    p.add_argument("out", help="output folder: config.json, model.safetensors and the run's tokenizer.json")
+    p.add_argument("out", help="output folder: config.json, model.safetensors and the run's tokenizer files")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--format", choices=list(FORMATS), default="hf", help="hf: LlamaForCausalLM; pico: PicoDecoderHF")
     a = p.parse_args(argv)
     model, cfg, loop = train_state.load(a.src, a.step)
-    out = export_hf(model, a.out)
-    # the run's tokenizer, found as the trainer finds its data (`data.py prepare` writes one beside the .bin files),
-    # so that AutoTokenizer.from_pretrained(out) works too
+    # the run's tokenizer, found as the trainer finds its data (`data.py prepare` writes one beside the .bin files)
     tok = data.data_dir(cfg.data) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.json")
-    print(f"exported step {loop['step']} of {a.src} to {out} (LlamaForCausalLM.from_pretrained({str(out)!r}))")
+    out = export(model, a.out, a.format, tok if tok.exists() else None, cfg.data.batch_size)
+    loader = "LlamaForCausalLM" if a.format == "hf" else "PicoDecoderHF"
+    print(f"exported step {loop['step']} of {a.src} to {out} ({loader}.from_pretrained({str(out)!r}))")
     return out
 
 

@@ -112,11 +112,24 @@ def test_cli_exports_a_trained_run(llama, tiny_cfg, tmp_path):
     trainer.run()
     out = export.main([cfg.run_dir, str(tmp_path / "hf"), "--step", "1"])
     assert (out / "tokenizer.json").exists()  # the built-in corpus's BPE, for AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)  # special tokens declared: lm-eval's hf needs eos
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.model_max_length) == \
+        ("<|endoftext|>", eot, eot, cfg.model.seq_len)
+    assert tok.decode(tok("The river")["input_ids"]) == "The river"
+    assert GenerationConfig.from_pretrained(out, local_files_only=True).eos_token_id == eot
+    assert type(AutoModelForCausalLM.from_pretrained(out, local_files_only=True)).__name__ == "LlamaForCausalLM"
     hf = llama.from_pretrained(out, local_files_only=True)
     tokens = np.random.RandomState(2).randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
     np.testing.assert_allclose(np.asarray(trainer.model(jnp.asarray(tokens))), hf_logits(hf, tokens), rtol=0, atol=1e-4)
     with pytest.raises(checkpoint.CheckpointError):
         export.main([str(tmp_path / "nothing-here"), str(tmp_path / "x")])
+    pico = export.main([cfg.run_dir, str(tmp_path / "pico"), "--format", "pico"])  # and back, as pico writes it
+    back, _ = export.import_hf(pico)
+    np.testing.assert_allclose(np.asarray(back(jnp.asarray(tokens))), np.asarray(trainer.model(jnp.asarray(tokens))),
+                               rtol=0, atol=1e-5)
+    assert json.loads((pico / "config.json").read_text())["eos_token_id"] == eot
 
 
 def test_import_refuses_what_the_pico_decoder_cannot_represent():
