@@ -1,7 +1,9 @@
 """Orbax checkpoints of a run (the sharded train state, the loop state, the resolved config), and their upload to
 the Hugging Face Hub.
 
-Layout: <checkpoint.dir>/<step>/{state, loop, config}. `state` is the nnx state of (model, optimizer), params and
+Layout, pico-train's (SPEC §5): <checkpoint.dir>/step_<k>/{state, loop, config} and a link `latest -> step_<k>`
+to the newest complete one; a checkpoint dir written before picojax took that layout (<checkpoint.dir>/<k>/) keeps
+its own, so old runs resume and load as they are. `state` is the nnx state of (model, optimizer), params and
 Adam moments, restored with the shardings of the current mesh; `loop` is JSON (step, seed, tokens seen, the latest
 evaluation; the data position is the step, since the batch is a pure function of (seed, step)); `config` is the
 resolved run config as JSON, so a checkpoint directory alone says what to build (state.load). Orbax writes each
@@ -9,6 +11,7 @@ step into a temporary folder and renames it when complete, so a process killed m
 checkpoints intact. Nothing here knows the model: state.py builds the layout to restore into and decides whether a
 checkpoint fits the run.
 """
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +27,10 @@ class CheckpointError(ValueError):
 class Checkpoints:
     def __init__(self, directory, keep: int | None = 3, use_async: bool = True):
         self.dir = Path(directory).expanduser().absolute()
+        # a folder of <k>/ checkpoints (picojax before pico's layout) stays in that layout
+        old = self.dir.is_dir() and any(p.name.isdigit() and p.is_dir() for p in self.dir.iterdir())
+        self.prefix = None if old else "step"
+        self.pending = None  # the step whose asynchronous save is under way
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             probe = self.dir / f".write-test-{jax.process_index()}"
@@ -32,8 +39,26 @@ class Checkpoints:
         except OSError as e:
             raise CheckpointError(f"checkpoint directory {self.dir} is not writable ({e.strerror}); set run_dir "
                                   f"(or checkpoint.dir) to a folder you can write") from None
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=use_async)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=use_async,
+                                               step_prefix=self.prefix)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / (f"{self.prefix}_{step}" if self.prefix else str(step))
+
+    def _finalized(self):
+        """After orbax finished (and renamed into place) the pending step's folder: point `latest` at it,
+        atomically. Called once the save is known to be complete: at the next save and at `wait`, so that
+        `latest` always names a complete checkpoint."""
+        step, self.pending = self.pending, None
+        link = self.dir / "latest"
+        if step is None or jax.process_index() != 0 or not self.step_dir(step).is_dir() \
+                or (link.exists() and not link.is_symlink()):  # a real folder named latest is the user's: kept
+            return
+        tmp = self.dir / ".latest.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.step_dir(step).name)
+        os.replace(tmp, link)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -42,7 +67,10 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, loop: dict, config: dict):
-        """Start saving (asynchronously where enabled); earlier checkpoints stay until this one is complete."""
+        """Start saving (asynchronously where enabled); earlier checkpoints stay until this one is complete, and
+        `latest` moves to it once it is."""
+        self.wait()  # one save at a time (orbax waits too), so `pending` names the one under way
+        self.pending = step
         self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), loop=ocp.args.JsonSave(loop), config=ocp.args.JsonSave(config)))
 
@@ -60,12 +88,13 @@ class Checkpoints:
         except CheckpointError:
             raise
         except Exception as e:  # orbax / tensorstore errors on truncated or corrupt files
-            raise CheckpointError(f"checkpoint {self.dir / str(step)} could not be read ({type(e).__name__}: "
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} could not be read ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:300]}); it is truncated or corrupt: delete that folder to "
                                   f"resume from an earlier step ({self.all_steps()} present)") from None
 
     def wait(self):
         self.manager.wait_until_finished()
+        self._finalized()
 
 
 def abstract_like(state):

@@ -95,6 +95,15 @@ def jit_train_step(graphdef, state, mesh, plan: relora.Plan, grad_accum: int = 1
                    donate_argnums=0, out_shardings=shardings)
 
 
+def training_config(cfg, mcfg) -> dict:
+    """The resolved config plus the fields pico-analyze reads from pico-train's training_config.yaml (SPEC §5):
+    model.attention_n_heads / attention_n_kv_heads (a decoder's) and checkpointing.run_name."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    if mcfg.linears():
+        out["model"].update(attention_n_heads=mcfg.n_heads, attention_n_kv_heads=mcfg.n_kv_heads)
+    return dict(out, checkpointing=dict(run_name=cfg.name))
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN or inf loss); the message says where the last good checkpoint is."""
 
@@ -191,7 +200,7 @@ class Trainer:
         if metrics.exists():
             self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= loop["step"]]
         if self.is_main:
-            print(f"resumed from {self.ckpt.dir / str(latest)} (step {latest})")
+            print(f"resumed from {self.ckpt.step_dir(latest)} (step {latest})")
         return loop["step"]
 
     def jit_steps(self):
@@ -294,7 +303,7 @@ class Trainer:
         if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
             self.ckpt.wait()
         if self.hub:
-            self.hub.upload(step, self.ckpt.dir / str(step), self.run_dir / "learning_dynamics" / str(step))
+            self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step))
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
@@ -332,6 +341,7 @@ class Trainer:
         if not self.is_main:
             return
         (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (self.run_dir / "training_config.yaml").write_text(OmegaConf.to_yaml(training_config(cfg, self.mcfg)))
         peak, source = self.peak
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "

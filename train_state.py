@@ -112,7 +112,7 @@ def check_same_model(saved_block, mcfg, where):
 def restore(ckpts: Checkpoints, step: int, mcfg, plan, graphdef, state, mesh):
     """(graphdef, state, loop) of checkpoint `step`, after checking it was made by this model, in the layout it was
     saved in and with the shardings of `state` on `mesh`."""
-    check_same_model(ckpts.config(step)["model"], mcfg, ckpts.dir / str(step))
+    check_same_model(ckpts.config(step)["model"], mcfg, ckpts.step_dir(step))
     with jax.set_mesh(mesh):
         graphdef, state = plan.layout_at(step, graphdef, state)
     state, loop = ckpts.restore(step, abstract_like(state))

@@ -10,6 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
+import yaml
 
 import checkpoint
 import train
@@ -36,7 +37,13 @@ def test_exact_resume_on_8_devices(tiny_cfg, tmp_path):
     ref_state, ref_history = leaves(straight.state), json.loads((straight.run_dir / "metrics.json").read_text())["history"]
     ckpt_dir = straight.ckpt.dir
     assert straight.ckpt.all_steps() == [0, 3, 6]
-    shutil.rmtree(ckpt_dir / "6")  # as if the first run had been stopped after step 3
+    # pico-train's run layout: checkpoints/step_<k>/, checkpoints/latest, training_config.yaml for pico-analyze
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_0", "step_3", "step_6"]
+    assert (ckpt_dir / "latest").resolve() == ckpt_dir / "step_6"
+    pico = yaml.safe_load((straight.run_dir / "training_config.yaml").read_text())
+    assert (pico["model"]["d_model"], pico["model"]["attention_n_heads"], pico["model"]["attention_n_kv_heads"],
+            pico["checkpointing"]["run_name"]) == (32, 4, 2, "local")
+    shutil.rmtree(ckpt_dir / "step_6")  # as if the first run had been stopped after step 3
 
     resumed = train.Trainer(cfg)  # a new trainer: state from checkpoint 3, data from step 3 on
     assert resumed.start_step == 3
@@ -63,7 +70,7 @@ def test_exact_resume_on_1_device_in_a_new_process(corpus_cache, tmp_path):
     common = [f"data.cache_dir={corpus_cache}", "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=null"]
     run_main(tmp_path / "a", *common, devices=1)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_4")
     out = run_main(tmp_path / "b", *common, devices=1)
     assert "resumed from" in out and "(step 2)" in out
     ha, hb = (json.loads((tmp_path / r / "metrics.json").read_text())["history"] for r in "ab")
@@ -99,7 +106,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_restorable(corpus_
     ckpts, deadline, killed_mid_save = tmp_path / "checkpoints", time.time() + 120, False
     while time.time() < deadline and p.poll() is None:
         names = os.listdir(ckpts) if ckpts.exists() else []
-        complete = [n for n in names if n.isdigit()]
+        complete = [n for n in names if n.startswith("step_") and n[5:].isdigit()]
         if any("tmp" in n for n in names) and len(complete) >= 2:
             killed_mid_save = True
             break
@@ -110,6 +117,8 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_restorable(corpus_
     latest = checkpoint.Checkpoints(ckpts).latest_step()
     model, cfg, loop = train_state.load(tmp_path)
     assert loop["step"] == latest >= 1
+    linked = (ckpts / "latest").resolve()  # never a folder still being written: it lags by at most one save
+    assert linked.name in (f"step_{latest}", f"step_{latest - 1}") and (linked / "_CHECKPOINT_METADATA").exists()
     assert all(np.isfinite(x).all() for x in leaves(jax.tree.leaves(model)))
 
 
@@ -150,7 +159,7 @@ def test_checkpoint_of_another_model_is_refused(tiny_cfg):
 def test_corrupt_checkpoint_gives_a_clear_error(tiny_cfg):
     t = train.Trainer(tiny_cfg("train.steps=1"))
     t.run()
-    state_dir = t.ckpt.dir / "1" / "state"
+    state_dir = t.ckpt.step_dir(1) / "state"
     for f in state_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 64:
             f.write_bytes(f.read_bytes()[:32])  # truncate every data file
@@ -177,7 +186,7 @@ def test_load_needs_only_the_directory(tiny_cfg):
     tokens = jax.numpy.asarray(t.train_data.rows(0)[:2, :-1])
     np.testing.assert_allclose(model(tokens), t.model(tokens), rtol=1e-6, atol=1e-6)
     # a run made on a GPU with model.attention=cudnn (a ConfigError on this CPU) loads here too, through auto
-    saved = t.ckpt.dir / "2" / "config" / "metadata"
+    saved = t.ckpt.step_dir(2) / "config" / "metadata"
     config = json.loads(saved.read_text())
     config["model"]["attention"] = "cudnn"
     saved.write_text(json.dumps(config))
@@ -194,7 +203,7 @@ def test_relora_resume_across_the_warm_start_wrap_is_exact(tiny_cfg):
     straight = train.Trainer(cfg)
     straight.run()
     ref = leaves(straight.state)
-    shutil.rmtree(straight.ckpt.dir / "6")
+    shutil.rmtree(straight.ckpt.step_dir(6))
     resumed = train.Trainer(cfg)
     assert resumed.start_step == 4
     resumed.run()

@@ -320,7 +320,7 @@ def test_multirun_writes_one_run_per_job_and_report_compares_them(corpus_cache, 
     assert p.returncode == 0, p.stdout + p.stderr
     for job, kind in ((0, "kgram_mlp"), (1, "decoder")):
         metrics = json.loads((sweep / str(job) / "metrics.json").read_text())
-        assert np.isfinite(metrics["final"]["val_loss"]) and (sweep / str(job) / "checkpoints" / "2").is_dir()
+        assert np.isfinite(metrics["final"]["val_loss"]) and (sweep / str(job) / "checkpoints" / "step_2").is_dir()
         assert f"kind: {kind}" in (sweep / str(job) / "config.yaml").read_text()
         assert 0 < metrics["final"]["greedy_distinct_1"] <= 1 and 0 < metrics["final"]["distinct_5"] <= 1
     assert not (tmp_path / "runs").exists()  # not every job into runs/<name>
