@@ -21,14 +21,19 @@ load the folder as it is.
 """
 import argparse
 import json
+import os
 import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.flax import load_file as load_flax  # reads bfloat16 too, which numpy cannot hold
 from safetensors.numpy import save_file
 
@@ -88,27 +93,86 @@ def rope_rows(n_heads: int, head_dim: int) -> np.ndarray:
     return (np.arange(n_heads)[:, None] * head_dim + per_head).reshape(-1)
 
 
-def state_dict(model: Decoder, fmt: str = "hf") -> dict[str, np.ndarray]:
-    """The model's weights under a format's names and layouts, as float32 numpy arrays ([out, in]; no head with
-    tied embeddings in `hf`, where Llama then reads the embedding; pico-train's head is always untied)."""
+def tensors(model: Decoder, fmt: str = "hf") -> dict[str, jax.Array]:
+    """The model's weights under a format's names and layouts, as float32 arrays [out, in] where they are (no head
+    with tied embeddings in `hf`, where Llama then reads the embedding; pico-train's head is always untied)."""
     check_llama(model.cfg)
     f, c = FORMATS[fmt], model.cfg
-    host = lambda x: np.asarray(jax.device_get(x), np.float32)
-    out = {f["embed"]: host(model.embed[...]), f["norm"]: host(model.norm.scale[...])}
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    out = {f["embed"]: f32(model.embed[...]), f["norm"]: f32(model.norm.scale[...])}
     if not c.tie_embeddings or fmt == "pico":
-        out[f["head"]] = host(model.head_kernel()).T
+        out[f["head"]] = f32(model.head_kernel()).T
     back = np.argsort(rope_rows(1, c.head_dim))  # pico[i] = ours[back[i]] within a head
     for i, block in enumerate(model.blocks):
         for ours, theirs in f["linears"].items():
             parent, name = ours.split(".")
             # a ReLoRA layer's merged kernel W + scale (B A)^T, by relora's own merge (the model stays as it is)
-            w = host(getattr(getattr(block, parent), name).merged_kernel()).T  # [out, in]
+            w = f32(getattr(getattr(block, parent), name).merged_kernel()).T  # [out, in]
             if f["interleaved"] and name in ("q", "k"):
                 w = w.reshape(-1, c.head_dim, w.shape[1])[:, back].reshape(w.shape)
             out[f"{f['layers']}.{i}.{theirs}.weight"] = w
         for ours, theirs in f["norms"].items():
-            out[f"{f['layers']}.{i}.{theirs}.weight"] = host(getattr(block, ours).scale[...])
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+            out[f"{f['layers']}.{i}.{theirs}.weight"] = f32(getattr(block, ours).scale[...])
+    return out
+
+
+def state_dict(model: Decoder, fmt: str = "hf") -> dict[str, np.ndarray]:
+    """`tensors` as contiguous numpy arrays on the host."""
+    return {k: np.ascontiguousarray(v) for k, v in jax.device_get(tensors(model, fmt)).items()}
+
+
+@partial(jax.jit, static_argnums=0)
+def _checkpoint_tensors(graphdef, state):
+    return tensors(nnx.merge(graphdef, state)[0], "hf")
+
+
+class CheckpointModels:
+    """Every checkpoint also a Hugging Face Llama folder: config.json, model.safetensors and the tokenizer files
+    beside Orbax's items in checkpoints/step_<k>/ (`AutoModelForCausalLM.from_pretrained(step_dir)`). The step loop
+    only dispatches one jitted copy of the weights in Llama's layout (merged for ReLoRA); a background thread takes
+    it to the host, waits until Orbax has put the step folder in place, and moves the files in from a temporary
+    folder, so a failed write (logged, retried never) leaves the Orbax checkpoint as it was."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), []
+
+    def write(self, step: int, step_dir: Path, graphdef, state):
+        """Start writing `step`'s files (call on every process: several gather the weights first)."""
+        arrays = _checkpoint_tensors(graphdef, state)
+        if not all(a.is_fully_addressable for a in arrays.values()):
+            arrays = multihost_utils.process_allgather(arrays, tiled=True)
+        if jax.process_index() == 0:
+            self.pending.append(self.pool.submit(self._write, step, Path(step_dir), arrays))
+
+    def _write(self, step, step_dir, arrays, timeout_s: float = 1800):
+        try:
+            host = {k: np.ascontiguousarray(v) for k, v in jax.device_get(arrays).items()}
+            deadline = time.monotonic() + timeout_s
+            while not step_dir.is_dir():  # Orbax renames the step's folder into place when it is complete
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{step_dir} did not appear within {timeout_s:.0f} s")
+                time.sleep(0.05)
+            tmp = step_dir / ".hf.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_file(host, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            config = hf_config(self.cfg) | (tokenizer_files(self.tokenizer, tmp, self.cfg.seq_len)
+                                            if self.tokenizer else {})
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
+                os.replace(f, step_dir / f.name)
+            tmp.rmdir()
+            return True
+        except Exception as e:  # a full disk, the step pruned by checkpoint.keep meanwhile: training goes on
+            print(f"warning: the Hugging Face files of checkpoint step {step} were not written ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}); its Orbax checkpoint is complete")
+            return False
+
+    def wait(self) -> list[bool]:
+        done = [f.result() for f in self.pending]
+        self.pending = []
+        return done
 
 
 def pico_config(cfg: ModelConfig, batch_size: int | None = None) -> dict:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 import config
 import data
 import dynamics
+import export
 import relora
 import train_state
 from checkpoint import Checkpoints, HubUploader
@@ -181,6 +182,14 @@ class Trainer:
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
         self.hub = HubUploader(c.hf_repo_id, cfg.name, c.hf_endpoint) if c.hf_repo_id and self.is_main else None
+        self.hf_models, self.hf_note = None, None
+        if c.hf_model:
+            try:
+                export.check_llama(self.mcfg)
+                tokenizer = self.data_dir / "tokenizer.json"
+                self.hf_models = export.CheckpointModels(self.mcfg, tokenizer if tokenizer.exists() else None)
+            except ConfigError as e:  # not a Llama: said once at start-up
+                self.hf_note = f"checkpoints have no Hugging Face files ({e}); checkpoint.hf_model=false silences this"
         self.meter, self.wandb, self.history, self.last_eval = Meter(), None, [], None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
@@ -291,6 +300,8 @@ class Trainer:
         loop = dict(step=step, seed=self.cfg.seed, tokens_seen=self.tokens_seen(step),
                     eval=self.last_eval)  # the latest evaluation (val_loss, val_ppl and its step), if any
         self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
+        if self.hf_models:
+            self.hf_models.write(step, self.ckpt.step_dir(step), self.graphdef, self.state)
         self.saved_step = step
         if self.dynamics_layers:  # this step's parameters on its train batch and on the fixed eval batch
             out = self.run_dir / "learning_dynamics" / str(step)
@@ -302,6 +313,8 @@ class Trainer:
                 dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
         if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
             self.ckpt.wait()
+            if self.hf_models:
+                self.hf_models.wait()
         if self.hub:
             self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step))
 
@@ -346,7 +359,8 @@ class Trainer:
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
               f"({len(self.train_tokens):,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
-        for note in [*self.mcfg.notes(), self.dynamics_note, *self.relora.notes(self.graphdef, self.state)]:
+        notes = [*self.mcfg.notes(), self.dynamics_note, self.hf_note, *self.relora.notes(self.graphdef, self.state)]
+        for note in notes:
             if note:
                 print(note)
         if cfg.wandb.mode != "disabled":
@@ -407,6 +421,8 @@ class Trainer:
 
     def finish(self, final: dict) -> dict:
         self.ckpt.wait()
+        if self.hf_models:
+            self.hf_models.wait()
         if self.hub:
             self.hub.wait()
         if self.is_main:

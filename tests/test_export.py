@@ -13,6 +13,7 @@ import checkpoint
 import export
 import relora
 import train
+import train_state
 from model import ConfigError, Decoder, ModelConfig
 
 # grouped-query attention (4 heads, 2 kv heads); init_std 0.2 makes the logits O(5), so a wrong layout or RoPE
@@ -141,3 +142,32 @@ def test_import_refuses_what_the_pico_decoder_cannot_represent():
                        (dict(model_type="mistral"), "model_type")):
         with pytest.raises(ConfigError, match=match):
             export.from_hf_config({**base, **bad}, "m")
+
+
+def test_every_checkpoint_is_also_a_llama_folder_with_merged_relora_weights(llama, tiny_cfg, tmp_path):
+    """checkpoints/step_<k>/ holds config.json, model.safetensors and the tokenizer beside Orbax's items; a ReLoRA
+    run's files are its merged weights (step 2: wrapped at step 1, its branch trained, not yet reset)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    cfg = tiny_cfg("train.steps=2", "checkpoint.every_steps=1", "checkpoint.keep=null", "model.relora.r=4",
+                   "model.relora.warm_start_steps=1", "model.relora.reset_frequency=2",
+                   "model.relora.restart_warmup_steps=1", config="relora")
+    train.Trainer(cfg).run()
+    tokens = np.random.RandomState(3).randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    for step in (0, 1, 2):
+        folder = tmp_path / "run" / "checkpoints" / f"step_{step}"
+        assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "state"} <= \
+            {p.name for p in folder.iterdir()} and not (folder / ".hf.tmp").exists()
+        model, _, _ = train_state.load(tmp_path / "run", step)  # Orbax's items still restore beside them
+        assert (step < 2) or relora.lora_layers(model)
+        hf = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+        assert type(hf).__name__ == "LlamaForCausalLM"
+        np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), hf_logits(hf, tokens), rtol=0, atol=1e-4)
+    assert AutoTokenizer.from_pretrained(folder, local_files_only=True).eos_token == "<|endoftext|>"
+
+
+def test_a_model_llama_cannot_hold_says_so_once_and_checkpoints_without_hf_files(tiny_cfg, tmp_path, capsys):
+    train.Trainer(tiny_cfg("train.steps=1", "model.qk_norm=true")).run()
+    out = capsys.readouterr().out
+    assert out.count("checkpoints have no Hugging Face files (model.qk_norm=True") == 1
+    assert not (tmp_path / "run" / "checkpoints" / "step_1" / "config.json").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_1" / "state").is_dir()
