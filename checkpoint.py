@@ -104,20 +104,35 @@ def abstract_like(state):
 
 # ---------------------------------------------------------------------------------------------- Hugging Face Hub
 
-class HubUploader:
+class Background:
+    """One worker thread for what the step loop must not wait on (uploads, extra files); `wait` returns each job's
+    result in order (a job reports its own failures: they never stop training)."""
+
+    def __init__(self):
+        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), []
+
+    def submit(self, fn, *args):
+        self.pending.append(self.pool.submit(fn, *args))
+
+    def wait(self) -> list:
+        done = [f.result() for f in self.pending]
+        self.pending = []
+        return done
+
+
+class HubUploader(Background):
     """Pushes each checkpoint and its learning dynamics to the Hub (checkpoint.hf_repo_id), one branch per run,
     with pico's commit titles (`Saving Learning Dynamics Data (train) -- Step k`, which pico-analyze reads).
     Uploads run in one background thread; a failure is a warning and training goes on. The token comes from
     the environment only (HF_TOKEN, or huggingface_hub's own login)."""
 
     def __init__(self, repo_id: str, branch: str, endpoint: str | None = None):
+        super().__init__()
         self.api = HfApi(endpoint=endpoint)
         self.repo_id, self.branch, self.ready = repo_id, branch, False
-        self.pool = ThreadPoolExecutor(max_workers=1)
-        self.pending = []
 
     def upload(self, step: int, checkpoint_dir, dynamics_dir):
-        self.pending.append(self.pool.submit(self._upload, step, Path(checkpoint_dir), Path(dynamics_dir)))
+        self.submit(self._upload, step, Path(checkpoint_dir), Path(dynamics_dir))
 
     def _upload(self, step, checkpoint_dir, dynamics_dir):
         try:
@@ -140,8 +155,3 @@ class HubUploader:
             print(f"warning: Hub upload of step {step} to {self.repo_id}@{self.branch} failed "
                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
             return False
-
-    def wait(self) -> list[bool]:
-        done = [f.result() for f in self.pending]
-        self.pending = []
-        return done

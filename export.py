@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from safetensors.numpy import save_file
 
 import data
 import train_state
-from checkpoint import CheckpointError
+from checkpoint import Background, CheckpointError
 from config import ConfigError
 from model import BLOCK_LINEARS, Decoder, ModelConfig
 
@@ -126,7 +125,7 @@ def _checkpoint_tensors(graphdef, state):
     return tensors(nnx.merge(graphdef, state)[0], "hf")
 
 
-class CheckpointModels:
+class CheckpointModels(Background):
     """Every checkpoint also a Hugging Face Llama folder: config.json, model.safetensors and the tokenizer files
     beside Orbax's items in checkpoints/step_<k>/ (`AutoModelForCausalLM.from_pretrained(step_dir)`). The step loop
     only dispatches one jitted copy of the weights in Llama's layout (merged for ReLoRA); a background thread takes
@@ -134,8 +133,8 @@ class CheckpointModels:
     folder, so a failed write (logged, retried never) leaves the Orbax checkpoint as it was."""
 
     def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.pool, self.pending = ThreadPoolExecutor(max_workers=1), []
 
     def write(self, step: int, step_dir: Path, graphdef, state):
         """Start writing `step`'s files (call on every process: several gather the weights first)."""
@@ -143,7 +142,7 @@ class CheckpointModels:
         if not all(a.is_fully_addressable for a in arrays.values()):
             arrays = multihost_utils.process_allgather(arrays, tiled=True)
         if jax.process_index() == 0:
-            self.pending.append(self.pool.submit(self._write, step, Path(step_dir), arrays))
+            self.submit(self._write, step, Path(step_dir), arrays)
 
     def _write(self, step, step_dir, arrays, timeout_s: float = 1800):
         try:
@@ -168,11 +167,6 @@ class CheckpointModels:
             print(f"warning: the Hugging Face files of checkpoint step {step} were not written ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200]}); its Orbax checkpoint is complete")
             return False
-
-    def wait(self) -> list[bool]:
-        done = [f.result() for f in self.pending]
-        self.pending = []
-        return done
 
 
 def pico_config(cfg: ModelConfig, batch_size: int | None = None) -> dict:
