@@ -12,6 +12,8 @@ checkpoints intact. Nothing here knows the model: state.py builds the layout to 
 checkpoint fits the run.
 """
 import os
+import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -118,6 +120,33 @@ class Background:
         done = [f.result() for f in self.pending]
         self.pending = []
         return done
+
+
+def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float = 1800) -> bool:
+    """Files that belong in a checkpoint's folder (step_dir / sub) beside Orbax's items: wait until Orbax has renamed
+    step_dir into place (it is complete then), let write(tmp) make them in a temporary folder inside it, and move
+    them in, config.json last. For a background thread: a failure (a full disk, the step pruned by checkpoint.keep
+    meanwhile) is a warning, and the Orbax checkpoint is left as it was."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not step_dir.is_dir():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{step_dir} did not appear within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        dest = step_dir / sub
+        tmp = step_dir / f".{sub or 'files'}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        dest.mkdir(exist_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, dest / f.name)
+        tmp.rmdir()
+        return True
+    except Exception as e:
+        print(f"warning: {what} were not written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); its Orbax "
+              f"checkpoint is complete")
+        return False
 
 
 class HubUploader(Background):

@@ -5,6 +5,7 @@ then `save`: activations at the last token, kernels and loss gradients of checkp
 block, written as snapshots.py's files.
 """
 import dataclasses
+import importlib.util
 
 import jax
 import numpy as np
@@ -72,13 +73,33 @@ def _at(tree, path, get_name=lambda t, p: t[p]):
     return tree
 
 
-def save(directory, split: str, arrays: dict, tokens=None):
+def save(directory, split: str, arrays: dict, tokens=None) -> dict | None:
     """Write one split of dynamics_step's output (and the batch, for `train`): called on every process, whose rows
-    are gathered; process 0 writes."""
+    are gathered; process 0 writes, and returns the arrays as written (None elsewhere)."""
     if jax.process_count() > 1:
         arrays = multihost_utils.process_allgather(arrays, tiled=True)
         tokens = None if tokens is None else multihost_utils.process_allgather(tokens, tiled=True)
     if jax.process_index() != 0:
-        return
-    host = {k: np.asarray(v) for k, v in jax.device_get(arrays).items()}
+        return None
+    host = snapshots.complete({k: np.asarray(v) for k, v in jax.device_get(arrays).items()})
     snapshots.write(directory, split, host, None if tokens is None else np.asarray(jax.device_get(tokens)))
+    return host
+
+
+FORMATS = ("picojax", "pico")  # checkpoint.dynamics.format: pico also writes pico-train's .pt files
+
+
+def check_format(fmt: str, layers) -> dict:
+    """pico-train's module name of each snapshot layer when checkpoint.dynamics.format=pico ({} otherwise), after
+    checking that torch is there and that pico-train has every layer."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"checkpoint.dynamics.format={fmt!r}; use one of {list(FORMATS)}")
+    if fmt != "pico" or not layers:
+        return {}
+    if importlib.util.find_spec("torch") is None:
+        raise ConfigError("checkpoint.dynamics.format=pico writes pico-train's .pt files, which needs torch: pip "
+                          "install torch (the CPU build is enough), or set checkpoint.dynamics.format=picojax")
+    if missing := [x for x in layers if not BLOCK_LINEARS[x][1]]:
+        raise ConfigError(f"checkpoint.dynamics.format=pico: pico-train has no layer {missing} (the GELU MLP); "
+                          f"choose checkpoint.dynamics.layers among attention.* and swiglu.*")
+    return {x: BLOCK_LINEARS[x][1] for x in layers}

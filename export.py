@@ -21,10 +21,8 @@ load the folder as it is.
 """
 import argparse
 import json
-import os
 import shutil
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from safetensors.numpy import save_file
 
 import data
 import train_state
-from checkpoint import Background, CheckpointError
+from checkpoint import Background, CheckpointError, into_step_dir
 from config import ConfigError
 from model import BLOCK_LINEARS, Decoder, ModelConfig
 
@@ -144,29 +142,14 @@ class CheckpointModels(Background):
         if jax.process_index() == 0:
             self.submit(self._write, step, Path(step_dir), arrays)
 
-    def _write(self, step, step_dir, arrays, timeout_s: float = 1800):
-        try:
+    def _write(self, step, step_dir, arrays):
+        def files(tmp):
             host = {k: np.ascontiguousarray(v) for k, v in jax.device_get(arrays).items()}
-            deadline = time.monotonic() + timeout_s
-            while not step_dir.is_dir():  # Orbax renames the step's folder into place when it is complete
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{step_dir} did not appear within {timeout_s:.0f} s")
-                time.sleep(0.05)
-            tmp = step_dir / ".hf.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
             save_file(host, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             config = hf_config(self.cfg) | (tokenizer_files(self.tokenizer, tmp, self.cfg.seq_len)
                                             if self.tokenizer else {})
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last
-                os.replace(f, step_dir / f.name)
-            tmp.rmdir()
-            return True
-        except Exception as e:  # a full disk, the step pruned by checkpoint.keep meanwhile: training goes on
-            print(f"warning: the Hugging Face files of checkpoint step {step} were not written ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200]}); its Orbax checkpoint is complete")
-            return False
+        return into_step_dir(step_dir, "", files, f"the Hugging Face files of checkpoint step {step}")
 
 
 def pico_config(cfg: ModelConfig, batch_size: int | None = None) -> dict:

@@ -13,6 +13,11 @@ with numpy and safetensors alone can read a run's snapshots on a laptop, with no
     tokens                             [N, T+1]  the batch itself (train split only)
 `train` is the batch the trainer draws at that step (the one the next update uses); `eval` is the first
 eval.batch_size sequences of valid.bin, the same at every step. Layers: checkpoint.dynamics.layers per block.
+
+With checkpoint.dynamics.format=pico, the same arrays are also written as pico-train writes them (SPEC §5), for
+pico-analyze: <run_dir>/checkpoints/step_<k>/learning_dynamics/{train,val}_{activations,weights,gradients}.pt,
+torch.save dicts keyed by pico-train's module names (`layers.<i>.attention.v_proj`, `layers.<i>.swiglu.w_2`, ...),
+weights and gradients in PyTorch's [out, in], activations [N, out]; the eval split is `val`.
 """
 import os
 from pathlib import Path
@@ -38,14 +43,20 @@ def stored_steps(run_dir) -> list[int]:
         if root.is_dir() else []
 
 
-def write(directory, split: str, arrays: dict, tokens=None):
-    """One split's arrays (numpy, keyed `<kind>/<layer>`) as `<split>.safetensors`, atomically. A ReLoRA layer's
-    `weights/...` is summed here from its base and update, so that the stored terms add up to it exactly (inside
-    XLA the add fuses with the scale into an FMA, an ulp away from the sum of the rounded terms)."""
+def complete(arrays: dict) -> dict:
+    """dynamics_step's arrays (numpy, keyed `<kind>/<layer>`) with each ReLoRA layer's `weights/...` summed here from
+    its base and update, so that the stored terms add up to it exactly (inside XLA the add fuses with the scale
+    into an FMA, an ulp away from the sum of the rounded terms)."""
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     for key in [k for k in arrays if k.startswith("weights_base/")]:
         name = key.partition("/")[2]
         arrays[f"weights/{name}"] = arrays[key] + arrays[f"weights_update/{name}"]
+    return arrays
+
+
+def write(directory, split: str, arrays: dict, tokens=None):
+    """One split's `complete` arrays as `<split>.safetensors`, atomically."""
+    arrays = dict(arrays)
     if tokens is not None:
         arrays["tokens"] = np.asarray(tokens).astype(np.int32)
     directory = Path(directory)
@@ -53,6 +64,26 @@ def write(directory, split: str, arrays: dict, tokens=None):
     tmp = directory / f".{split}.safetensors.tmp"
     save_file(arrays, str(tmp))
     os.replace(tmp, directory / f"{split}.safetensors")
+
+
+PICO_SPLITS = {"train": "train", "eval": "val"}
+PICO_KINDS = ("activations", "weights", "gradients")
+
+
+def write_pico(directory, split: str, arrays: dict, pico_names: dict):
+    """One split's `complete` arrays as pico-train's three .pt files in `directory`; pico_names maps a block layer
+    (attention.v) to pico-train's module name (attention.v_proj). torch is needed here only."""
+    import torch
+    directory = Path(directory)
+    for kind in PICO_KINDS:
+        out = {}
+        for key, value in arrays.items():
+            k, _, name = key.partition("/")
+            if k == kind:
+                _, i, layer = name.split(".", 2)  # blocks.<i>.<layer>
+                out[f"layers.{i}.{pico_names[layer]}"] = torch.from_numpy(  # a writable copy, as torch wants
+                    np.array(value if kind == "activations" else value.T, order="C"))
+        torch.save(out, directory / f"{PICO_SPLITS[split]}_{kind}.pt")
 
 
 def load(run_dir, step: int) -> dict:

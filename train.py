@@ -26,8 +26,9 @@ import data
 import dynamics
 import export
 import relora
+import snapshots
 import train_state
-from checkpoint import Checkpoints, HubUploader
+from checkpoint import Background, Checkpoints, HubUploader, into_step_dir
 from config import ConfigError
 from host import peak_flops, throughput
 from loss import loss_fn, token_losses
@@ -179,6 +180,8 @@ class Trainer:
                                          self.data_dir / "train.bin")
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
         self.dynamics_layers, self.dynamics_note = dynamics.choose_layers(self.mcfg, cfg.checkpoint.dynamics.layers)
+        self.pico_names = dynamics.check_format(cfg.checkpoint.dynamics.format, self.dynamics_layers)
+        self.pico_files = Background()  # pico-train's .pt files of each snapshot (checkpoint.dynamics.format=pico)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
         self.hub = HubUploader(c.hf_repo_id, cfg.name, c.hf_endpoint) if c.hf_repo_id and self.is_main else None
@@ -307,14 +310,20 @@ class Trainer:
             out = self.run_dir / "learning_dynamics" / str(step)
             with jax.set_mesh(self.mesh):  # the same context at every save, or the jitted step would recompile
                 tokens = self.train_data.batch(step, self.batch_sharding)
-                dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
+                train = dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
                 eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
                                                       None, self.batch_sharding))
-                dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
+                ev = dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
+            if self.pico_names and train is not None:  # process 0, once Orbax has the step's folder in place
+                write = lambda tmp: [snapshots.write_pico(tmp, s, a, self.pico_names) for s, a in (("train", train),
+                                                                                                   ("eval", ev))]
+                self.pico_files.submit(into_step_dir, self.ckpt.step_dir(step), "learning_dynamics", write,
+                                       f"pico's learning-dynamics files of checkpoint step {step}")
         if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
             self.ckpt.wait()
             if self.hf_models:
                 self.hf_models.wait()
+            self.pico_files.wait()
         if self.hub:
             self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step))
 
@@ -421,6 +430,7 @@ class Trainer:
 
     def finish(self, final: dict) -> dict:
         self.ckpt.wait()
+        self.pico_files.wait()
         if self.hf_models:
             self.hf_models.wait()
         if self.hub:

@@ -111,3 +111,49 @@ def test_pico_import_refuses_a_folder_that_is_not_a_pico_decoder(tmp_path):
         export.import_hf(write_pico(tmp_path / "a", broken))
     with pytest.raises(ConfigError, match=r"model_type pico_decoder but no \['d_model'\]"):
         export.import_hf(write_pico(tmp_path / "b", pico_tensors(), {k: v for k, v in CFG.items() if k != "d_model"}))
+
+
+def test_pico_format_learning_dynamics_are_what_pico_analyze_reads(tiny_cfg, tmp_path):
+    """checkpoint.dynamics.format=pico: checkpoints/step_<k>/learning_dynamics/{train,val}_{kind}.pt in pico-train's
+    names and PyTorch layout (SPEC §5), holding the same numbers as picojax's own snapshot of that step."""
+    import torch
+    import snapshots
+    import train
+    layers = ("attention.v", "attention.o", "swiglu.down")
+    cfg = tiny_cfg("train.steps=2", "checkpoint.every_steps=1", "checkpoint.dynamics.format=pico",
+                   f"checkpoint.dynamics.layers=[{','.join(layers)}]")
+    train.Trainer(cfg).run()
+    names = {"attention.v": "attention.v_proj", "attention.o": "attention.o_proj", "swiglu.down": "swiglu.w_2"}
+    D, K, E, N = cfg.model.d_model, cfg.model.n_kv_heads, cfg.model.d_model // cfg.model.n_heads, cfg.eval.batch_size
+    out_in = {"attention.v": (K * E, D), "attention.o": (D, D), "swiglu.down": (D, cfg.model.d_hidden)}
+    for step in (0, 1, 2):
+        folder = tmp_path / "run" / "checkpoints" / f"step_{step}" / "learning_dynamics"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(
+            f"{s}_{k}.pt" for s in ("train", "val") for k in ("activations", "weights", "gradients"))
+        ours = snapshots.load(tmp_path / "run", step)
+        for split, theirs in (("train", "train"), ("eval", "val")):
+            for kind in ("activations", "weights", "gradients"):
+                d = torch.load(folder / f"{theirs}_{kind}.pt")
+                assert set(d) == {f"layers.{i}.{names[x]}" for i in range(cfg.model.n_layers) for x in layers}
+                for i in range(cfg.model.n_layers):
+                    for x in layers:
+                        t = d[f"layers.{i}.{names[x]}"].numpy()
+                        rows = cfg.data.batch_size if split == "train" else N
+                        assert t.shape == ((rows, out_in[x][0]) if kind == "activations" else out_in[x])
+                        mine = ours[(split, kind, f"blocks.{i}.{x}")]
+                        np.testing.assert_array_equal(t, mine if kind == "activations" else mine.T)
+
+
+def test_pico_format_needs_torch_pico_layers_and_a_known_format(tiny_cfg, monkeypatch):
+    import importlib.util
+    import train
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"format=pico writes pico-train's .pt files, which needs torch: pip install"):
+        train.Trainer(tiny_cfg("checkpoint.dynamics.format=pico", "checkpoint.dynamics.layers=[attention.v]"))
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"pico-train has no layer \['mlp.down'\]"):
+        train.Trainer(tiny_cfg("model.mlp=gelu", "checkpoint.dynamics.format=pico",
+                               "checkpoint.dynamics.layers=[mlp.down]"))
+    with pytest.raises(ConfigError, match=r"checkpoint.dynamics.format='pt'; use one of \['picojax', 'pico'\]"):
+        train.Trainer(tiny_cfg("checkpoint.dynamics.format=pt"))
