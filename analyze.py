@@ -36,11 +36,13 @@ Components, per block i (names as stored: blocks.<i>.<layer>):
     blocks.<i>.attention.ov.<h>        the OV circuit of query head h (Elhage et al. 2021), from attention.v and
                                        attention.o: weights W_V[:, kv(h)] @ W_O[h] [D, D] (rank <= head dim E, so its
                                        condition number is numerically infinite and its per at most E / D);
-                                       activations a_V[:, kv(h)] @ W_O[h] [N, D]. Not for gradients: a product of
-                                       two gradients is not the gradient of anything (pico-analyze skips it too).
-                                       pico-analyze's OV weights multiply the other way round (V[kv(h)] O[:, h] in
+                                       activations a_V[:, kv(h)] @ W_O[h] [N, D]; gradients by the product rule,
+                                       dW_V[:, kv(h)] @ W_O[h] + W_V[:, kv(h)] @ dW_O[h] [D, D] (pico-analyze's OV
+                                       gradient, O_h dV_h + dO_h V_h in its layout). pico-analyze's OV weights multiply the other way round (V[kv(h)] O[:, h] in
                                        PyTorch's [out, in] layout, an [E, E] matrix: same nonzero eigenvalues, other
                                        singular values); this is the map the residual stream sees, x -> x W_OV.
+    blocks.<i>.attention.ov_all        every head's OV side by side, [D, H D] (activations [N, H D]), as
+                                       pico-analyze concatenates them
     kv(h) = h // (n_heads / n_kv_heads) selects head dim columns kv(h) E .. (kv(h) + 1) E;
     W_O[h] is rows h E .. (h+1) E.
 
@@ -185,13 +187,19 @@ def components(snap: dict, kind: str, split: str, model: dict) -> dict:
             out[layer] = value
         elif kind == "weights" and k in ("weights_base", "weights_update"):
             out[f"{layer}.{k.removeprefix('weights_')}"] = value
-    if kind in ("weights", "activations"):
-        for layer in sorted(out):
-            m = re.fullmatch(r"(blocks\.\d+)\.attention\.v", layer)
-            w_o = snap.get((split, "weights", f"{m.group(1)}.attention.o")) if m else None
-            if w_o is not None:
-                for h, ov in enumerate(ov_circuit(out[layer], w_o, model["n_heads"], model["n_kv_heads"])):
-                    out[f"{m.group(1)}.attention.ov.{h}"] = ov
+    heads = model["n_heads"], model["n_kv_heads"]
+    for layer in sorted(out):
+        m = re.fullmatch(r"(blocks\.\d+)\.attention\.v", layer)
+        block = m and m.group(1)
+        w_v, w_o = (snap.get((split, "weights", f"{block}.attention.{x}")) for x in ("v", "o")) if m else (None, None)
+        if w_o is None or kind == "gradients" and (w_v is None or f"{block}.attention.o" not in out):
+            continue
+        ovs = ov_circuit(out[layer], w_o, *heads)
+        if kind == "gradients":  # d(W_V W_O) = dW_V W_O + W_V dW_O, per head
+            ovs = [a + b for a, b in zip(ovs, ov_circuit(w_v, out[f"{block}.attention.o"], *heads))]
+        for h, ov in enumerate(ovs):
+            out[f"{block}.attention.ov.{h}"] = ov
+        out[f"{block}.attention.ov_all"] = np.concatenate(ovs, axis=1)
     return dict(sorted(out.items(), key=lambda kv: _sort_key(kv[0])))
 
 

@@ -126,10 +126,20 @@ def test_components_name_layers_relora_variants_and_ov_heads():
     model = dict(n_heads=2, n_kv_heads=1)
     weights = analyze.components(snap, "weights", "train", model)
     assert list(weights) == ["blocks.0.attention.o", "blocks.0.attention.ov.0", "blocks.0.attention.ov.1",
-                             "blocks.0.attention.v", "blocks.0.attention.v.base", "blocks.0.attention.v.update"]
-    np.testing.assert_allclose(weights["blocks.0.attention.ov.1"],
-                               snap[("train", "weights", "blocks.0.attention.v")] @ snap[("train", "weights", "blocks.0.attention.o")][4:])
-    assert list(analyze.components(snap, "gradients", "train", model)) == ["blocks.0.attention.o", "blocks.0.attention.v"]
+                             "blocks.0.attention.ov_all", "blocks.0.attention.v", "blocks.0.attention.v.base",
+                             "blocks.0.attention.v.update"]
+    w_v, w_o = snap[("train", "weights", "blocks.0.attention.v")], snap[("train", "weights", "blocks.0.attention.o")]
+    np.testing.assert_allclose(weights["blocks.0.attention.ov.1"], w_v @ w_o[4:])
+    np.testing.assert_array_equal(weights["blocks.0.attention.ov_all"],
+                                  np.concatenate([weights["blocks.0.attention.ov.0"], weights["blocks.0.attention.ov.1"]], 1))
+    grads = analyze.components(snap, "gradients", "train", model)
+    assert list(grads) == ["blocks.0.attention.o", "blocks.0.attention.ov.0", "blocks.0.attention.ov.1",
+                           "blocks.0.attention.ov_all", "blocks.0.attention.v"]
+    # the product rule, checked against a finite difference of the OV map along the gradient direction
+    d_v, d_o = snap[("train", "gradients", "blocks.0.attention.v")], snap[("train", "gradients", "blocks.0.attention.o")]
+    eps = 1e-6
+    np.testing.assert_allclose(grads["blocks.0.attention.ov.1"],
+                               ((w_v + eps * d_v) @ (w_o + eps * d_o)[4:] - w_v @ w_o[4:]) / eps, rtol=1e-4, atol=1e-4)
     acts = analyze.components(snap, "activations", "eval", model)  # OV activations: a_V[:, kv(h)] @ W_O[h]
     np.testing.assert_allclose(acts["blocks.0.attention.ov.0"], snap[("eval", "activations", "blocks.0.attention.v")]
                                @ snap[("eval", "weights", "blocks.0.attention.o")][:4])
@@ -162,11 +172,11 @@ def test_analyze_a_relora_run_end_to_end_with_its_errors(tiny_cfg, tmp_path, cap
     record = json.loads((run / "analysis" / "per" / "train" / "1.json").read_text())
     assert (record["metric"], record["split"], record["step"]) == ("per", "train", 1)
     names = [f"blocks.{i}.{c}" for i in range(2) for c in (
-        "attention.o", "attention.o.base", "attention.o.update", *(f"attention.ov.{h}" for h in range(4)),
+        "attention.o", "attention.o.base", "attention.o.update", *(f"attention.ov.{h}" for h in range(4)), "attention.ov_all",
         "attention.v", "attention.v.base", "attention.v.update", "swiglu.down", "swiglu.down.base", "swiglu.down.update")]
     assert list(record["values"]["weights"]) == names
-    assert list(record["values"]["gradients"]) == [f"blocks.{i}.{c}" for i in range(2)
-                                                   for c in ("attention.o", "attention.v", "swiglu.down")]
+    assert list(record["values"]["gradients"]) == [f"blocks.{i}.{c}" for i in range(2) for c in (
+        "attention.o", *(f"attention.ov.{h}" for h in range(4)), "attention.ov_all", "attention.v", "swiglu.down")]
     snap = load_dynamics(run, 1)
     assert record["values"]["weights"]["blocks.1.swiglu.down.update"] == pytest.approx(
         analyze.per(snap[("train", "weights_update", "blocks.1.swiglu.down")]))
