@@ -38,7 +38,8 @@ Components, per block i (names as stored: blocks.<i>.<layer>):
                                        condition number is numerically infinite and its per at most E / D);
                                        activations a_V[:, kv(h)] @ W_O[h] [N, D]; gradients by the product rule,
                                        dW_V[:, kv(h)] @ W_O[h] + W_V[:, kv(h)] @ dW_O[h] [D, D] (pico-analyze's OV
-                                       gradient, O_h dV_h + dO_h V_h in its layout). pico-analyze's OV weights multiply the other way round (V[kv(h)] O[:, h] in
+                                       gradient, O_h dV_h + dO_h V_h in its layout). pico-analyze's OV weights
+                                       multiply the other way round (V[kv(h)] O[:, h] in
                                        PyTorch's [out, in] layout, an [E, E] matrix: same nonzero eigenvalues, other
                                        singular values); this is the map the residual stream sees, x -> x W_OV.
     blocks.<i>.attention.ov_all        every head's OV side by side, [D, H D] (activations [N, H D]), as

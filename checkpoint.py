@@ -48,7 +48,7 @@ class Checkpoints:
     def step_dir(self, step: int) -> Path:
         return self.dir / (f"{self.prefix}_{step}" if self.prefix else str(step))
 
-    def _finalized(self):
+    def _link_latest(self):
         """After orbax finished (and renamed into place) the pending step's folder: point `latest` at it,
         atomically. Called once the save is known to be complete: at the next save and at `wait`, so that
         `latest` always names a complete checkpoint."""
@@ -96,7 +96,7 @@ class Checkpoints:
 
     def wait(self):
         self.manager.wait_until_finished()
-        self._finalized()
+        self._link_latest()
 
 
 def abstract_like(state):

@@ -1,6 +1,6 @@
 """The jitted train and eval steps, and the training loop with its logging, evaluation and checkpoints.
 
-One jitted step takes the state (donated; state.py builds it) and a global batch and returns the new state and
+One jitted step takes the state (donated; train_state.py builds it) and a global batch and returns the new state and
 device-side metrics; the host reads metrics only every `train.log_every` steps.
 """
 import json
@@ -310,20 +310,17 @@ class Trainer:
             out = self.run_dir / "learning_dynamics" / str(step)
             with jax.set_mesh(self.mesh):  # the same context at every save, or the jitted step would recompile
                 tokens = self.train_data.batch(step, self.batch_sharding)
-                train = dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
+                train_snap = dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
                 eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
                                                       None, self.batch_sharding))
-                ev = dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
-            if self.pico_names and train is not None:  # process 0, once Orbax has the step's folder in place
-                write = lambda tmp: [snapshots.write_pico(tmp, s, a, self.pico_names) for s, a in (("train", train),
-                                                                                                   ("eval", ev))]
+                eval_snap = dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
+            if self.pico_names and train_snap is not None:  # process 0, once Orbax has the step's folder in place
+                splits = (("train", train_snap), ("eval", eval_snap))
+                write = lambda tmp: [snapshots.write_pico(tmp, s, a, self.pico_names) for s, a in splits]
                 self.pico_files.submit(into_step_dir, self.ckpt.step_dir(step), "learning_dynamics", write,
                                        f"pico's learning-dynamics files of checkpoint step {step}")
         if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
-            self.ckpt.wait()
-            if self.hf_models:
-                self.hf_models.wait()
-            self.pico_files.wait()
+            self.wait_for_files()
         if self.hub:
             self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step))
 
@@ -428,11 +425,15 @@ class Trainer:
                 print(f"sample: {sample!r}")
         return self.finish(final)
 
-    def finish(self, final: dict) -> dict:
+    def wait_for_files(self):
+        """Until every save under way is on disk: Orbax's, then the Hugging Face and pico files beside it."""
         self.ckpt.wait()
-        self.pico_files.wait()
         if self.hf_models:
             self.hf_models.wait()
+        self.pico_files.wait()
+
+    def finish(self, final: dict) -> dict:
+        self.wait_for_files()
         if self.hub:
             self.hub.wait()
         if self.is_main:
