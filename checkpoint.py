@@ -19,7 +19,8 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
-from huggingface_hub import HfApi
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 
 class CheckpointError(ValueError):
@@ -104,7 +105,7 @@ def abstract_like(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-# ---------------------------------------------------------------------------------------------- Hugging Face Hub
+# ---------------------------------------------------------------------------------------------- files off the loop
 
 class Background:
     """One worker thread for what the step loop must not wait on (uploads, extra files); `wait` returns each job's
@@ -114,12 +115,23 @@ class Background:
         self.pool, self.pending = ThreadPoolExecutor(max_workers=1), []
 
     def submit(self, fn, *args):
-        self.pending.append(self.pool.submit(fn, *args))
+        future = self.pool.submit(fn, *args)
+        self.pending.append(future)
+        return future
 
     def wait(self) -> list:
         done = [f.result() for f in self.pending]
         self.pending = []
         return done
+
+
+def wait_for_dir(step_dir: Path, timeout_s: float = 1800):
+    """Until Orbax has renamed a step's folder into place (it is complete then)."""
+    deadline = time.monotonic() + timeout_s
+    while not step_dir.is_dir():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{step_dir} did not appear within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float = 1800) -> bool:
@@ -128,11 +140,7 @@ def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float =
     them in, config.json last. For a background thread: a failure (a full disk, the step pruned by checkpoint.keep
     meanwhile) is a warning, and the Orbax checkpoint is left as it was."""
     try:
-        deadline = time.monotonic() + timeout_s
-        while not step_dir.is_dir():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{step_dir} did not appear within {timeout_s:.0f} s")
-            time.sleep(0.05)
+        wait_for_dir(step_dir, timeout_s)
         dest = step_dir / sub
         tmp = step_dir / f".{sub or 'files'}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,38 +157,112 @@ def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float =
         return False
 
 
-class HubUploader(Background):
-    """Pushes each checkpoint and its learning dynamics to the Hub (checkpoint.hf_repo_id), one branch per run,
-    with pico's commit titles (`Saving Learning Dynamics Data (train) -- Step k`, which pico-analyze reads).
-    Uploads run in one background thread; a failure is a warning and training goes on. The token comes from
-    the environment only (HF_TOKEN, or huggingface_hub's own login)."""
+# ---------------------------------------------------------------------------------------------- Hugging Face Hub
 
-    def __init__(self, repo_id: str, branch: str, endpoint: str | None = None):
+HF_MODEL = ("config.json", "model.safetensors", "generation_config.json")
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+ORBAX = "checkpoint"  # the Orbax items' folder in the repository
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+class HubUploader(Background):
+    """Pushes every checkpoint to the Hub (checkpoint.hf_repo_id) as pico-train does (SPEC §5): one branch per run,
+    the files at the branch root (overwritten each step; the history keeps every version), one commit per kind
+    titled `Saving HF Model -- Step k`, `Saving Tokenizer -- Step k`, `Saving Training Config -- Step k`,
+    `Saving Checkpoint -- Step k` (the Orbax items, under checkpoint/), `Saving Learning Dynamics Data (train) --
+    Step k` and `(val)`, and a tag `step-<k>` on the step's last commit: `from_pretrained(repo, revision="step-k")`
+    loads it and pico-analyze's remote mode finds it. Uploads run on one background thread that waits for the
+    step's files itself, so the step loop never waits; a failed upload is logged and retried (in step order, so the
+    branch ends at the newest) with the next one and at the end of the run. The token comes from the environment
+    only (HF_TOKEN, or huggingface_hub's own login)."""
+
+    def __init__(self, repo_id: str, branch: str, run_dir, endpoint: str | None = None):
         super().__init__()
         self.api = HfApi(endpoint=endpoint)
-        self.repo_id, self.branch, self.ready = repo_id, branch, False
+        self.repo_id, self.branch, self.run_dir, self.ready = repo_id, branch, Path(run_dir), False
+        self.failed: dict[int, tuple] = {}  # step -> the arguments of its upload, retried with the next one
+        self.uploaded: list[int] = []
+        self.lost: list[int] = []  # steps whose folder was gone (checkpoint.keep) before they could be retried
 
-    def upload(self, step: int, checkpoint_dir, dynamics_dir):
-        self.submit(self._upload, step, Path(checkpoint_dir), Path(dynamics_dir))
+    def upload(self, step: int, step_dir: Path, dynamics_dir: Path, files=()):
+        """Push `step` once its Orbax folder is in place and the `files` futures (its HF and pico files) are done."""
+        self.submit(self._upload_all, step, (Path(step_dir), Path(dynamics_dir), tuple(f for f in files if f)))
 
-    def _upload(self, step, checkpoint_dir, dynamics_dir):
-        try:
-            if not self.ready:
-                self.api.create_repo(self.repo_id, exist_ok=True)
-                self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
-                self.ready = True
-            if checkpoint_dir.is_dir():
-                self.api.upload_folder(repo_id=self.repo_id, folder_path=checkpoint_dir, revision=self.branch,
-                                       path_in_repo=f"checkpoints/{step}",
-                                       commit_message=f"Saving Checkpoint -- Step {step}")
-            for split, title in (("train", "train"), ("eval", "val")):
-                f = dynamics_dir / f"{split}.safetensors"
-                if f.exists():
-                    self.api.upload_file(path_or_fileobj=str(f), repo_id=self.repo_id, revision=self.branch,
-                                         path_in_repo=f"learning_dynamics/{step}/{split}.safetensors",
-                                         commit_message=f"Saving Learning Dynamics Data ({title}) -- Step {step}")
-            return True
-        except Exception as e:  # the Hub being down must never stop training
-            print(f"warning: Hub upload of step {step} to {self.repo_id}@{self.branch} failed "
-                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); training goes on")
-            return False
+    def _upload_all(self, step, args):
+        self.failed[step] = args
+        for s in sorted(self.failed):
+            try:
+                self._upload(s, *self.failed[s])
+                self.uploaded.append(s)
+                del self.failed[s]
+            except Exception as e:  # the Hub being down must never stop training
+                if not self.failed[s][0].is_dir():
+                    self.lost.append(s)
+                    del self.failed[s]
+                    print(f"warning: Hub upload of step {s} to {self.repo_id}@{self.branch} failed and its folder "
+                          f"is gone (checkpoint.keep pruned it); it will not be retried")
+                    continue
+                print(f"warning: Hub upload of step {s} to {self.repo_id}@{self.branch} failed ({_error(e)}); "
+                      f"training goes on, retried with the next checkpoint")
+                break  # the later steps wait, so that the branch never ends at an older one
+
+    def _commit(self, title: str, files: dict, folder: str | None = None) -> str | None:
+        """One commit of {path in repo: local path}; files under `folder` in the repo that it does not hold are
+        removed (Orbax's file names change from step to step)."""
+        if not files:
+            return None
+        ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for dest, src in files.items()]
+        if folder:
+            remote = self.api.list_repo_files(self.repo_id, revision=self.branch)
+            ops += [CommitOperationDelete(path_in_repo=f) for f in remote
+                    if f.startswith(folder + "/") and f not in files]
+        return self.api.create_commit(self.repo_id, ops, commit_message=title, revision=self.branch).oid
+
+    def _upload(self, step, step_dir, dynamics_dir, files):
+        for f in files:
+            f.result()  # the step's HF and pico files are in place (or were reported missing)
+        wait_for_dir(step_dir)
+        if not self.ready:
+            self.api.create_repo(self.repo_id, exist_ok=True)
+            self.api.create_branch(self.repo_id, branch=self.branch, exist_ok=True)
+            self.ready = True
+        here = lambda names, root=step_dir: {n: root / n for n in names if (root / n).is_file()}
+        orbax = {f"{ORBAX}/{p.relative_to(step_dir)}": p for p in sorted(step_dir.rglob("*")) if p.is_file()
+                 and p.relative_to(step_dir).parts[0] not in (*HF_MODEL, *TOKENIZER, "learning_dynamics")
+                 and not any(part.startswith(".") for part in p.relative_to(step_dir).parts)}
+        commits = [(f"Saving HF Model -- Step {step}", here(HF_MODEL), None),
+                   (f"Saving Tokenizer -- Step {step}", here(TOKENIZER), None),
+                   (f"Saving Training Config -- Step {step}", here(["training_config.yaml"], self.run_dir), None),
+                   (f"Saving Checkpoint -- Step {step}", orbax, ORBAX)]
+        for split, title in (("train", "train"), ("eval", "val")):  # pico's .pt files and picojax's safetensors
+            pico = sorted((step_dir / "learning_dynamics").glob(f"{title}_*.pt"))
+            ours = [dynamics_dir / f"{split}.safetensors"]
+            dyn = {f"learning_dynamics/{p.name}": p for p in [*pico, *ours] if p.is_file()}
+            commits.append((f"Saving Learning Dynamics Data ({title}) -- Step {step}", dyn, None))
+        last = None
+        for title, paths, folder in commits:
+            last = self._commit(title, paths, folder) or last
+        if last:
+            try:
+                self.api.create_tag(self.repo_id, tag=f"step-{step}", revision=last)
+            except HfHubHTTPError as e:
+                if e.response is None or e.response.status_code != 409:
+                    raise
+                print(f"note: {self.repo_id} already has a tag step-{step} (another run's: tags are per repository); "
+                      f"this run's step {step} is commit {last} on branch {self.branch}")
+
+    def finish(self) -> str:
+        """Wait for the uploads under way, retry the failed ones once more, and say how it went."""
+        self.wait()
+        if self.failed:
+            self.submit(self._upload_all, max(self.failed), self.failed[max(self.failed)])
+            self.wait()
+        where = f"{self.repo_id}@{self.branch}"
+        line = f"Hub: steps {self.uploaded} on {where} (tags step-<k>)"
+        if self.failed or self.lost:
+            line += (f"; NOT uploaded: steps {sorted(self.failed) + self.lost}; their checkpoints are on disk: push "
+                     f"one with `hf upload {self.repo_id} <run_dir>/checkpoints/step_<k> . --revision {self.branch}`")
+        return line

@@ -135,12 +135,14 @@ class CheckpointModels(Background):
         self.cfg, self.tokenizer = cfg, tokenizer
 
     def write(self, step: int, step_dir: Path, graphdef, state):
-        """Start writing `step`'s files (call on every process: several gather the weights first)."""
+        """Start writing `step`'s files (call on every process: several gather the weights first); the job's
+        future on process 0."""
         arrays = _checkpoint_tensors(graphdef, state)
         if not all(a.is_fully_addressable for a in arrays.values()):
             arrays = multihost_utils.process_allgather(arrays, tiled=True)
         if jax.process_index() == 0:
-            self.submit(self._write, step, Path(step_dir), arrays)
+            return self.submit(self._write, step, Path(step_dir), arrays)
+        return None
 
     def _write(self, step, step_dir, arrays):
         def files(tmp):

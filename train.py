@@ -184,7 +184,8 @@ class Trainer:
         self.pico_files = Background()  # pico-train's .pt files of each snapshot (checkpoint.dynamics.format=pico)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
-        self.hub = HubUploader(c.hf_repo_id, cfg.name, c.hf_endpoint) if c.hf_repo_id and self.is_main else None
+        self.hub = HubUploader(c.hf_repo_id, cfg.name, cfg.run_dir, c.hf_endpoint) \
+            if c.hf_repo_id and self.is_main else None
         self.hf_models, self.hf_note = None, None
         if c.hf_model:
             try:
@@ -303,8 +304,8 @@ class Trainer:
         loop = dict(step=step, seed=self.cfg.seed, tokens_seen=self.tokens_seen(step),
                     eval=self.last_eval)  # the latest evaluation (val_loss, val_ppl and its step), if any
         self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
-        if self.hf_models:
-            self.hf_models.write(step, self.ckpt.step_dir(step), self.graphdef, self.state)
+        files = [self.hf_models.write(step, self.ckpt.step_dir(step), self.graphdef, self.state)
+                 if self.hf_models else None]  # what the upload waits for (on its own thread)
         self.saved_step = step
         if self.dynamics_layers:  # this step's parameters on its train batch and on the fixed eval batch
             out = self.run_dir / "learning_dynamics" / str(step)
@@ -317,12 +318,10 @@ class Trainer:
             if self.pico_names and train_snap is not None:  # process 0, once Orbax has the step's folder in place
                 splits = (("train", train_snap), ("eval", eval_snap))
                 write = lambda tmp: [snapshots.write_pico(tmp, s, a, self.pico_names) for s, a in splits]
-                self.pico_files.submit(into_step_dir, self.ckpt.step_dir(step), "learning_dynamics", write,
-                                       f"pico's learning-dynamics files of checkpoint step {step}")
-        if self.cfg.checkpoint.hf_repo_id:  # complete on disk before upload; every process waits (orbax syncs them)
-            self.wait_for_files()
+                files.append(self.pico_files.submit(into_step_dir, self.ckpt.step_dir(step), "learning_dynamics",
+                                                    write, f"pico's learning-dynamics files of checkpoint step {step}"))
         if self.hub:
-            self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step))
+            self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step), files)
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
@@ -435,7 +434,7 @@ class Trainer:
     def finish(self, final: dict) -> dict:
         self.wait_for_files()
         if self.hub:
-            self.hub.wait()
+            print(self.hub.finish())
         if self.is_main:
             if final.get("interrupted"):
                 print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")
