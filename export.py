@@ -20,6 +20,7 @@ special tokens declared (tokenizer_config.json, generation_config.json), so Auto
 load the folder as it is.
 """
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -200,10 +201,11 @@ def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
     return ids
 
 
-def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
+def read_weights(path, dtype: str = "float32") -> tuple[ModelConfig, dict, dict]:
     """A checkpoint folder (config.json and one or more *.safetensors) of a Hugging Face Llama, or of pico-train /
-    pico-lm's PicoDecoderHF (config.json model_type pico_decoder), as a picojax Decoder with compute dtype `dtype`
-    (parameters are float32, as in training), and its ModelConfig."""
+    pico-lm's PicoDecoderHF (config.json model_type pico_decoder): its ModelConfig (compute dtype `dtype`), its
+    weights as {Decoder parameter path: float32 array} in picojax's layout (a tied head as an untied copy), and
+    its config.json."""
     path = Path(path).expanduser()
     if not (path / "config.json").exists():
         raise ConfigError(f"{path} holds no config.json; point it at a Hugging Face Llama or pico-decoder folder")
@@ -231,7 +233,6 @@ def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
         return w.T if transpose else w
 
     rows = rope_rows(1, cfg.head_dim)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
     new = {("embed",): take(f["embed"]), ("norm", "scale"): take(f["norm"]), ("head", "kernel"): take(f["head"], True)}
     for i in range(cfg.n_layers):
         for ours, theirs in f["linears"].items():
@@ -241,13 +242,54 @@ def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
             new[("blocks", i, *ours.split("."), "kernel")] = w.T
         for ours, theirs in f["norms"].items():
             new[("blocks", i, ours, "scale")] = take(f"{f['layers']}.{i}.{theirs}.weight")
+    return cfg, new, hf
+
+
+def _fill(cfg: ModelConfig, new: dict, path) -> nnx.State:
+    """Decoder(cfg)'s parameter state holding `new` (every parameter, of the right shape)."""
+    state = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))), nnx.Param)
     flat = []
     for p, v in nnx.to_flat_state(state):
-        if v.shape != new[p].shape:
-            raise ConfigError(f"{path}: tensor for {'.'.join(map(str, p))} has shape {new[p].shape}, expected "
-                              f"{v.shape}")
+        if p not in new or v.shape != new[p].shape:
+            got = "none" if p not in new else f"shape {new[p].shape}"
+            raise ConfigError(f"{path}: the tensor for {'.'.join(map(str, p))} has {got}, expected {v.shape}")
         flat.append((p, v.replace(new[p])))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), cfg
+    return nnx.from_flat_state(flat)
+
+
+def import_hf(path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
+    """A Hugging Face Llama or PicoDecoderHF folder (`read_weights`) as a picojax Decoder with compute dtype
+    `dtype` (parameters are float32, as in training), and its ModelConfig."""
+    cfg, new, _ = read_weights(path, dtype)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    return nnx.merge(graphdef, _fill(cfg, new, path)), cfg
+
+
+# what a run's model config must agree on with the folder it starts from (model.init_from): the architecture;
+# seq_len (RoPE has no length), init_std (replaced by the weights) and the loss's z_loss may differ
+INIT_FREE = ("seq_len", "init_std", "z_loss")
+
+
+def init_weights(path, mcfg) -> nnx.State:
+    """The parameters a run starts from with model.init_from=PATH (a Hugging Face Llama or pico-decoder folder),
+    for a Decoder of the run's config `mcfg`, after checking that the folder's architecture is the run's."""
+    path = Path(path).expanduser()
+    if not isinstance(mcfg, ModelConfig):
+        raise ConfigError(f"model.init_from={path} loads a decoder (Llama / pico-decoder weights); "
+                          f"model.kind={mcfg.KIND} cannot start from it")
+    cfg, new, hf = read_weights(path, mcfg.dtype)
+    tied = bool(hf.get("tie_word_embeddings"))
+    folder = dataclasses.replace(cfg, tie_embeddings=tied and mcfg.tie_embeddings,  # untied run: the head a copy
+                                 **{k: getattr(mcfg, k) for k in INIT_FREE})
+    have, want = folder.param_fields(), mcfg.param_fields()
+    diff = sorted(k for k in have if have[k] != want[k])
+    if diff:
+        raise ConfigError(f"model.init_from={path}: its config.json has {', '.join(f'{k}={have[k]}' for k in diff)}, "
+                          f"this run {', '.join(f'model.{k}={want[k]}' for k in diff)}; set "
+                          f"`{' '.join(f'model.{k}={have[k]}' for k in diff)}` to start from it")
+    if mcfg.tie_embeddings:
+        del new[("head", "kernel")]
+    return _fill(mcfg, new, path)
 
 
 import_pico = import_hf  # the same reader: it tells the two formats apart by config.json's model_type

@@ -117,8 +117,8 @@ class ModelConfig:
     z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the loss (PaLM); 0 = off
 
     # `kind` picks the family (families.py), `lstm` / `kgram` configure the others, `relora` is
-    # read by relora.py: none of them is a decoder field
-    NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora")
+    # read by relora.py, `init_from` by train.py: none of them is a decoder field
+    NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora", "init_from")
     # fields that change how the model runs, not its parameters: a checkpoint loads under others
     RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk")
 

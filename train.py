@@ -30,6 +30,7 @@ import snapshots
 import train_state
 from checkpoint import Background, Checkpoints, HubUploader, into_step_dir
 from config import ConfigError
+from families import model_config
 from host import peak_flops, throughput
 from loss import loss_fn, token_losses
 from model import BATCH_AXES, LanguageModel, count_params, distinct, generate_ids
@@ -167,7 +168,11 @@ class Trainer:
         self.cfg = cfg
         self.mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
         check_batch(self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
-        self.mcfg, self.relora, self.schedule, self.graphdef, self.state = train_state.build(cfg, self.mesh)
+        c = cfg.checkpoint
+        self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
+        self.init_note = None
+        self.mcfg, self.relora, self.schedule, self.graphdef, self.state = train_state.build(cfg, self.mesh,
+                                                                                            self.start_weights())
         self.run_dir = Path(cfg.run_dir)
         self.is_main = jax.process_index() == 0
         self.data_dir = data.data_dir(cfg.data)
@@ -182,8 +187,6 @@ class Trainer:
         self.dynamics_layers, self.dynamics_note = dynamics.choose_layers(self.mcfg, cfg.checkpoint.dynamics.layers)
         self.pico_names = dynamics.check_format(cfg.checkpoint.dynamics.format, self.dynamics_layers)
         self.pico_files = Background()  # pico-train's .pt files of each snapshot (checkpoint.dynamics.format=pico)
-        c = cfg.checkpoint
-        self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
         self.hub = HubUploader(c.hf_repo_id, cfg.name, cfg.run_dir, c.hf_endpoint) \
             if c.hf_repo_id and self.is_main else None
         self.hf_models, self.hf_note = None, None
@@ -198,6 +201,25 @@ class Trainer:
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
         self.jit_steps()
+
+    def start_weights(self):
+        """model.init_from's weights (a Llama or pico-decoder folder) for a new run; None without it, or when the
+        run resumes (its checkpoint holds the weights)."""
+        path = self.cfg.model.get("init_from")
+        if not path:
+            return None
+        if self.ckpt.latest_step() is not None:
+            self.init_note = f"model.init_from={path} not read: the run resumes from its checkpoint in {self.ckpt.dir}"
+            return None
+        weights = export.init_weights(path, model_config(self.cfg.model))
+        theirs, ours = Path(path).expanduser() / "tokenizer.json", data.data_dir(self.cfg.data) / "tokenizer.json"
+        if theirs.exists() and ours.exists() and \
+                data.load_tokenizer(theirs).get_vocab() != data.load_tokenizer(ours).get_vocab():
+            raise ConfigError(f"model.init_from={path} has another tokenizer than the run's data ({ours}); "
+                              f"tokenize the text with it: `python data.py prepare FILES --out DIR --tokenizer "
+                              f"{theirs}`, then data.dir=DIR")
+        self.init_note = f"weights from model.init_from={path}"
+        return weights
 
     def resume(self) -> int:
         """The latest checkpoint's state and step (0 without one) into this trainer."""
@@ -364,7 +386,8 @@ class Trainer:
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
               f"({len(self.train_tokens):,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
-        notes = [*self.mcfg.notes(), self.dynamics_note, self.hf_note, *self.relora.notes(self.graphdef, self.state)]
+        notes = [self.init_note, *self.mcfg.notes(), self.dynamics_note, self.hf_note,
+                 *self.relora.notes(self.graphdef, self.state)]
         for note in notes:
             if note:
                 print(note)

@@ -57,32 +57,36 @@ def make_tx(o, schedule):
         optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None):
-    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. With `lora`, the
+def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None, weights=None):
+    """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. `weights` (an
+    nnx.State of the model's parameters, e.g. export.init_weights) replace the random ones. With `lora`, the
     model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only."""
-    def build():
+    def build(weights):
         model = build_model(mcfg, nnx.Rngs(seed))
+        if weights is not None:
+            nnx.update(model, weights)
         if lora is not None:
             relora.wrap(model, lora)
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     with jax.set_mesh(mesh):
-        graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(build, weights))
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), nnx.get_partition_spec(abstract_state))
-        state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+        state = jax.jit(lambda w: nnx.split(build(w))[1], out_shardings=shardings)(weights)
     return graphdef, state
 
 
-def build(cfg, mesh):
+def build(cfg, mesh, weights=None):
     """Everything a run config's state is made of, at step 0: (model config, ReLoRA plan, LR schedule, graphdef,
-    state). Bad model or ReLoRA keys fail here, before anything compiles."""
+    state), from `weights` where given (init_state). Bad model or ReLoRA keys fail here, before anything
+    compiles."""
     mcfg = model_config(cfg.model)
     if mcfg.linears() and mcfg.d_model % mesh.shape["fsdp"]:  # the decoder; the other families are replicated
         raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh.shape['fsdp']}: FSDP "
                           f"shards every weight along d_model; pick a mesh.fsdp that divides it")
     plan = relora.plan(cfg.model.get("relora"), cfg.seed, mcfg)
     schedule = plan.schedule(lr_schedule(cfg.opt, cfg.train.steps))
-    graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0))
+    graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0), weights)
     return mcfg, plan, schedule, graphdef, state
 
 

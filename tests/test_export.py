@@ -1,7 +1,10 @@
 """Hugging Face export and import: parity with transformers' LlamaForCausalLM, logits to 1e-4 in float32.
 
 torch and transformers are imported inside the tests, so the rest of the suite never pays for them."""
+import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +13,9 @@ import pytest
 from flax import nnx
 
 import checkpoint
+import data
 import export
+import families
 import relora
 import train
 import train_state
@@ -171,3 +176,39 @@ def test_a_model_llama_cannot_hold_says_so_once_and_checkpoints_without_hf_files
     assert out.count("checkpoints have no Hugging Face files (model.qk_norm=True") == 1
     assert not (tmp_path / "run" / "checkpoints" / "step_1" / "config.json").exists()
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "state").is_dir()
+
+
+def test_a_run_starts_from_a_llama_or_a_pico_decoder_folder(tiny_cfg, tmp_path):
+    """model.init_from: a new run's parameters are the folder's (pico's interleaved RoPE rows undone), in a
+    full-rank run and as the frozen W of a ReLoRA run; the architecture is checked first; a resumed run ignores it."""
+    mcfg = families.model_config(tiny_cfg().model)
+    tokenizer = data.data_dir(tiny_cfg().data) / "tokenizer.json"
+    source = perturbed(Decoder(dataclasses.replace(mcfg, init_std=0.2), nnx.Rngs(3)))
+    want = {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(source, nnx.Param))}
+    for fmt, extra in (("hf", ()), ("pico", ("model.relora.r=4", "model.relora.warm_start_steps=0"))):
+        folder = export.export(source, tmp_path / fmt, fmt, tokenizer)  # the data's own tokenizer: accepted
+        trainer = train.Trainer(tiny_cfg(f"model.init_from={folder}", f"run_dir={tmp_path / fmt}-run", *extra,
+                                         config="relora" if extra else "local"))
+        model = trainer.model
+        if extra:
+            assert relora.lora_layers(model)
+            model = export.import_hf(export.export(model, tmp_path / f"{fmt}-merged", "hf"))[0]  # W + 0 (B = 0)
+        got = {p: np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        assert got.keys() == want.keys()
+        for p in want:
+            np.testing.assert_array_equal(got[p], want[p], err_msg=f"{fmt} {p}")
+        if fmt == "hf":
+            trainer.save(0)
+            trainer.wait_for_files()
+    with pytest.raises(ConfigError, match=r"config.json has d_hidden=128, d_model=32, n_heads=4, this run "
+                                          r"model.d_hidden=256, .*; set `model.d_hidden=128 model.d_model=32 "):
+        train.Trainer(tiny_cfg(f"model.init_from={tmp_path / 'hf'}", "model.d_model=64", "model.n_heads=8"))
+    other = Path(shutil.copytree(tmp_path / "hf", tmp_path / "hf-other-tokenizer"))
+    data.train_bpe(["one two three four five"] * 50, 300).save(str(other / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="another tokenizer than the run's data"):
+        train.Trainer(tiny_cfg(f"model.init_from={other}"))
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "weights.safetensors")
+    with pytest.raises(ConfigError, match="holds no \\*.safetensors"):
+        train.Trainer(tiny_cfg(f"model.init_from={tmp_path / 'hf'}"))
+    resumed = train.Trainer(tiny_cfg(f"model.init_from={tmp_path / 'hf'}", f"run_dir={tmp_path / 'hf'}-run"))
+    assert "not read: the run resumes" in resumed.init_note

@@ -55,7 +55,8 @@ def test_each_checkpoint_goes_to_the_run_branch_as_pico_train_pushes_it(hub, tin
     train.Trainer(cfg).run()
     out = capsys.readouterr().out
     assert seen_at_finish == [[]]  # nothing was uploaded while the loop ran: it never waited
-    assert "warning: Hub upload of step 0 to me/pico@run-a failed" in out and "Hub: steps [0, 2] on me/pico@run-a" in out
+    assert "warning: Hub upload of step 0 to me/pico@run-a failed" in out
+    assert "Hub: steps [0, 2] on me/pico@run-a" in out
 
     repo = hub.repos["me/pico"]
     titles = hub.titles("me/pico", "run-a")[::-1]  # oldest first
