@@ -8,7 +8,10 @@
 
 A separate module from the trainer and dynamics.py's capture: the analysis reads only the snapshot files
 (<run_dir>/learning_dynamics/<step>/{train,eval}.safetensors, see snapshots.py) and the run's config.yaml, so it
-imports no jax, orbax or flax and can run on a laptop over snapshots pulled from anywhere.
+imports no jax, orbax or flax and can run on a laptop over snapshots pulled from anywhere. A pico-train run
+directory (checkpoints/step_<k>/learning_dynamics/{train,val}_*.pt and training_config.yaml, e.g. a released pico
+model's, or a picojax run written with checkpoint.dynamics.format=pico) is read the same way (torch needed), so
+`compare` puts the pico suite and picojax runs side by side.
 
 Keys (Hydra-style key=value, the same grammar as main.py):
     run_dir      the run to analyze
@@ -233,6 +236,26 @@ def select_steps(spec, present: list[int], where) -> list[int]:
     return steps
 
 
+def run_config(run_dir: Path) -> tuple[dict, dict]:
+    """(the run's config, {n_heads, n_kv_heads}) from picojax's config.yaml, or else from the training_config.yaml
+    of a pico-train run (model.attention_n_heads, attention_n_kv_heads; name: checkpointing.run_name)."""
+    for name in ("config.yaml", "training_config.yaml"):
+        if (run_dir / name).exists():
+            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / name), resolve=True)
+            break
+    else:
+        raise AnalysisError(f"{run_dir} has neither config.yaml (picojax) nor training_config.yaml (pico-train); "
+                            f"the analysis reads the number of heads from it (the trainer writes both)")
+    m = cfg.get("model") or {}
+    if name == "config.yaml":
+        return cfg, m
+    cfg.setdefault("name", (cfg.get("checkpointing") or {}).get("run_name") or run_dir.name)
+    heads = m.get("attention_n_heads")
+    if heads is None:
+        raise AnalysisError(f"{run_dir / name} has no model.attention_n_heads; is it a pico-train run's config?")
+    return cfg, dict(n_heads=heads, n_kv_heads=m.get("attention_n_kv_heads") or heads)
+
+
 def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, out=None, wandb="disabled") -> dict:
     """Compute, write and plot; returns {metric: {step: {kind: {component: value}}}}."""
     run_dir = Path(run_dir).expanduser()
@@ -240,7 +263,8 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
         raise AnalysisError(f"run_dir={run_dir} is not a directory; point it at a run (e.g. runs/local)")
     present = snapshots.stored_steps(run_dir)
     if not present:
-        raise AnalysisError(f"{run_dir / 'learning_dynamics'} holds no snapshots; train with "
+        raise AnalysisError(f"{run_dir} holds no snapshots (neither picojax's learning_dynamics/<step>/ nor "
+                            f"pico-train's checkpoints/step_<k>/learning_dynamics/*.pt); train with "
                             f"checkpoint.dynamics.layers set (default [attention.v,attention.o,swiglu.down]) and "
                             f"checkpoint.every_steps=N")
     metrics = list(METRICS) if metrics is None else list(metrics)
@@ -256,12 +280,7 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
     if target_step not in present:
         raise AnalysisError(f"target_step={target_step} is not stored in {run_dir / 'learning_dynamics'}; "
                             f"steps present: {present}")
-    config = run_dir / "config.yaml"
-    if not config.exists():
-        raise AnalysisError(f"{config} is missing; the analysis reads n_heads / n_kv_heads from it (the trainer "
-                            f"writes it)")
-    run_cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
-    model = run_cfg["model"]
+    run_cfg, model = run_config(run_dir)
     out = Path(out).expanduser() if out else run_dir / "analysis"
 
     matrix = [m for m in metrics if m in MATRIX_METRICS]

@@ -1,7 +1,9 @@
-"""The run config: base.yaml's keys, the resolvers it uses, and the one check for keys nobody defines.
+"""The run config: base.yaml's keys, the resolvers it uses, the one check for keys nobody defines, and the names
+of a block's layers that configs (checkpoint.dynamics.layers, model.relora.target_modules) and files use.
 
 A module of its own, below every other one (it imports omegaconf and hydra only), because the model, the families,
-ReLoRA, the trainer and analyze.py all reject unknown keys the same way and raise the same ConfigError.
+ReLoRA, the trainer and analyze.py all reject unknown keys the same way and raise the same ConfigError, and
+because analyze.py and snapshots.py, which import no jax, read the layer names too.
 """
 import math
 from pathlib import Path
@@ -11,6 +13,22 @@ from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 RESOLVERS = {"mul": lambda *xs: math.prod(xs)}  # ${mul:a,b} = a * b (base.yaml: d_hidden = 4 d_model)
+
+# A block's linear layers, the one table of their names: picojax path under blocks.<i> ->
+# (Hugging Face Llama name under model.layers.<i>, pico-train name under layers.<i>). Learning
+# dynamics, ReLoRA targets, export and pico-train's snapshot files read it; the GELU MLP
+# (model.mlp=gelu) has neither name.
+BLOCK_LINEARS = {
+    "attention.q": ("self_attn.q_proj", "attention.q_proj"),
+    "attention.k": ("self_attn.k_proj", "attention.k_proj"),
+    "attention.v": ("self_attn.v_proj", "attention.v_proj"),
+    "attention.o": ("self_attn.o_proj", "attention.o_proj"),
+    "swiglu.gate": ("mlp.gate_proj", "swiglu.w_0"),
+    "swiglu.up": ("mlp.up_proj", "swiglu.w_1"),
+    "swiglu.down": ("mlp.down_proj", "swiglu.w_2"),
+    "mlp.up": (None, None),
+    "mlp.down": (None, None),
+}
 
 
 class ConfigError(ValueError):

@@ -13,9 +13,8 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 import snapshots
-from config import ConfigError
+from config import BLOCK_LINEARS, ConfigError
 from loss import cross_entropy
-from model import BLOCK_LINEARS
 from relora import LoRALinear
 
 

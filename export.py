@@ -38,11 +38,11 @@ from safetensors.numpy import save_file
 import data
 import train_state
 from checkpoint import Background, CheckpointError, into_step_dir
-from config import ConfigError
-from model import BLOCK_LINEARS, Decoder, ModelConfig
+from config import BLOCK_LINEARS, ConfigError
+from model import Decoder, ModelConfig
 
 # Each format's names: the model's own tensors, then per block (under <layers>.<i>) its norms and linear layers
-# (model.BLOCK_LINEARS); (q, k) rows permuted for pico-train's interleaved RoPE.
+# (config.BLOCK_LINEARS); (q, k) rows permuted for pico-train's interleaved RoPE.
 FORMATS = {
     "hf": dict(embed="model.embed_tokens.weight", norm="model.norm.weight", head="lm_head.weight",
                layers="model.layers", norms={"attention_norm": "input_layernorm",

@@ -61,7 +61,7 @@ class FamilyConfig:
         return cfg
 
     def linears(self) -> tuple[str, ...]:
-        """Decoder block layers (model.BLOCK_LINEARS) this family has: none."""
+        """Decoder block layers (config.BLOCK_LINEARS) this family has: none."""
         return ()
 
     def param_fields(self) -> dict:

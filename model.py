@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from config import ConfigError, reject_unknown
+from config import BLOCK_LINEARS, ConfigError, reject_unknown
 
 # One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
 # (names carry the dims); everything is replicated over `data`. The batch is split over both axes.
@@ -66,21 +66,6 @@ SHARDING = {
     "kgram_head_CV": (None, None),
 }
 BATCH_AXES = ("data", "fsdp")
-
-# A block's linear layers, the one table of their names: picojax path under blocks.<i> ->
-# (Hugging Face Llama name under model.layers.<i>, pico-train name under layers.<i>). Learning
-# dynamics, ReLoRA targets and export read it; the GELU MLP (model.mlp=gelu) has neither name.
-BLOCK_LINEARS = {
-    "attention.q": ("self_attn.q_proj", "attention.q_proj"),
-    "attention.k": ("self_attn.k_proj", "attention.k_proj"),
-    "attention.v": ("self_attn.v_proj", "attention.v_proj"),
-    "attention.o": ("self_attn.o_proj", "attention.o_proj"),
-    "swiglu.gate": ("mlp.gate_proj", "swiglu.w_0"),
-    "swiglu.up": ("mlp.up_proj", "swiglu.w_1"),
-    "swiglu.down": ("mlp.down_proj", "swiglu.w_2"),
-    "mlp.up": (None, None),
-    "mlp.down": (None, None),
-}
 
 NO_REMAT = object()
 # model.remat: what a block keeps for the backward pass. block: nothing (all recomputed, least

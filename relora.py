@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from config import ConfigError, reject_unknown
-from model import BLOCK_LINEARS, Decoder, Linear, dense, param
+from config import BLOCK_LINEARS, ConfigError, reject_unknown
+from model import Decoder, Linear, dense, param
 
-# target_modules names: a block's MLP or attention (all its projections) or one projection, from model.BLOCK_LINEARS
+# target_modules names: a block's MLP or attention (all its projections) or one projection, from config.BLOCK_LINEARS
 TARGETS = {part for name in BLOCK_LINEARS for part in name.split(".")}
 RESETS = ("random", "magnitude", "full")
 _A_STREAM, _DROPOUT_STREAM, _PRUNE_STREAM = 0, 1, 2  # independent random streams off the run's seed

@@ -1,6 +1,7 @@
 """pico-train's PicoDecoderHF folders, both ways: import and export against a reference forward written from SPEC §5
 (interleaved-pair RoPE, grouped-query attention, SwiGLU w_0 / w_1 / w_2), logits to 1e-4 in float32."""
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -113,9 +114,10 @@ def test_pico_import_refuses_a_folder_that_is_not_a_pico_decoder(tmp_path):
         export.import_hf(write_pico(tmp_path / "b", pico_tensors(), {k: v for k, v in CFG.items() if k != "d_model"}))
 
 
-def test_pico_format_learning_dynamics_are_what_pico_analyze_reads(tiny_cfg, tmp_path):
+def test_pico_format_learning_dynamics_are_what_pico_analyze_reads(tiny_cfg, tmp_path, monkeypatch):
     """checkpoint.dynamics.format=pico: checkpoints/step_<k>/learning_dynamics/{train,val}_{kind}.pt in pico-train's
-    names and PyTorch layout (SPEC §5), holding the same numbers as picojax's own snapshot of that step."""
+    names and PyTorch layout (SPEC §5), holding the same numbers as picojax's own snapshot of that step; and
+    analyze.py reads such a pico-train run directory back."""
     import torch
     import snapshots
     import train
@@ -142,6 +144,30 @@ def test_pico_format_learning_dynamics_are_what_pico_analyze_reads(tiny_cfg, tmp
                         assert t.shape == ((rows, out_in[x][0]) if kind == "activations" else out_in[x])
                         mine = ours[(split, kind, f"blocks.{i}.{x}")]
                         np.testing.assert_array_equal(t, mine if kind == "activations" else mine.T)
+
+    # a pico-train run directory (only its .pt files, keys under pico-train's `_forward_module.` prefix, and
+    # training_config.yaml): analyze.py reads it in picojax's names and gets the same numbers as from our own files
+    import analyze
+    pico_run = tmp_path / "pico-run"
+    for step in (0, 1, 2):
+        (pico_run / "checkpoints" / f"step_{step}" / "learning_dynamics").mkdir(parents=True)
+        for f in (tmp_path / "run" / "checkpoints" / f"step_{step}" / "learning_dynamics").iterdir():
+            d = {f"_forward_module.{k}": v for k, v in torch.load(f).items()}
+            torch.save(d, pico_run / "checkpoints" / f"step_{step}" / "learning_dynamics" / f.name)
+    (pico_run / "training_config.yaml").write_text((tmp_path / "run" / "training_config.yaml").read_text())
+    assert snapshots.stored_steps(pico_run) == [0, 1, 2]
+    ours, theirs = (analyze.analyze(r, ["per", "cka"], split=split) for r, split in
+                    ((tmp_path / "run", "eval"), (pico_run, "eval")))
+    assert "blocks.1.attention.ov_all" in theirs["per"][2]["gradients"]
+    for m in ("per", "cka"):
+        for step in (0, 1, 2):
+            for kind, vals in ours[m][step].items():
+                assert vals.keys() == theirs[m][step][kind].keys()
+                np.testing.assert_allclose([theirs[m][step][kind][c] for c in vals], list(vals.values()), rtol=1e-6)
+    assert analyze.compare([tmp_path / "run", pico_run], "per", "eval", tmp_path / "side-by-side.png").exists()
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch absent: a clear error, not a traceback
+    with pytest.raises(snapshots.SnapshotError, match="pico-train's .pt files: reading them needs torch"):
+        snapshots.load(pico_run, 2)
 
 
 def test_pico_format_needs_torch_pico_layers_and_a_known_format(tiny_cfg, monkeypatch):
