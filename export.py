@@ -148,11 +148,16 @@ class CheckpointModels(Background):
     def _write(self, step, step_dir, arrays):
         def files(tmp):
             host = {k: np.ascontiguousarray(v) for k, v in jax.device_get(arrays).items()}
-            save_file(host, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            config = hf_config(self.cfg) | (tokenizer_files(self.tokenizer, tmp, self.cfg.seq_len)
-                                            if self.tokenizer else {})
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            write_model(tmp, host, hf_config(self.cfg), self.tokenizer, self.cfg.seq_len)
         return into_step_dir(step_dir, "", files, f"the Hugging Face files of checkpoint step {step}")
+
+
+def write_model(out: Path, tensors: dict, config: dict, tokenizer, seq_len: int):
+    """model.safetensors, the tokenizer files (given a tokenizer.json) and config.json, last, into folder `out`."""
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        config = config | tokenizer_files(tokenizer, out, seq_len)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def pico_config(cfg: ModelConfig, batch_size: int | None = None) -> dict:
@@ -174,10 +179,7 @@ def export(model: Decoder, out_dir, fmt: str = "hf", tokenizer=None, batch_size:
     config = hf_config(model.cfg) if fmt == "hf" else pico_config(model.cfg, batch_size)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer is not None:
-        config |= tokenizer_files(tokenizer, out, model.cfg.seq_len)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_model(out, tensors, config, tokenizer, model.cfg.seq_len)
     return out
 
 
