@@ -35,6 +35,10 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the key and the fix."""
 
 
+class DataError(ValueError):
+    """Bad data input; the message names the file (or shard) and the fix."""
+
+
 def register_resolvers():
     """Make base.yaml's resolvers known to OmegaConf (idempotent); called before anything reads a config."""
     for name, fn in RESOLVERS.items():

@@ -23,13 +23,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import shards
+from config import DataError
+
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wiki.txt.xz"  # 104 English Wikipedia articles, CC BY-SA
 EOT = "<|endoftext|>"
 SCAN_LIMIT = 1 << 28  # files up to this many tokens are scanned for out-of-vocab ids when opened
-
-
-class DataError(ValueError):
-    """Bad data input; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------- preparation
@@ -120,8 +119,13 @@ def builtin_corpus(cache_dir, vocab_size: int = 4096) -> Path:
 
 
 def data_dir(d) -> Path:
-    """The folder of a run's data (the `data:` block): data.dir, or the built-in corpus, prepared if needed."""
-    return Path(d.dir).expanduser() if d.dir else builtin_corpus(d.cache_dir)
+    """The folder of a run's data (the `data:` block), where its tokenizer.json is looked for: data.dir, a Hub
+    dataset's cache folder, or the built-in corpus, prepared if needed."""
+    if d.dir:
+        return Path(d.dir).expanduser()
+    if d.get("hf_dataset"):
+        return shards.cache_folder(d.cache_dir, d.hf_dataset.partition("@")[0])
+    return builtin_corpus(d.cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -189,33 +193,61 @@ def to_global(rows_fn, sharding, shape) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, rows_fn(lo, hi), shape)
 
 
-class TrainData:
-    """The global training batch at step s, a pure function of (seed, s): tokens [B, T + 1]."""
+class BinRows:
+    """A .bin file as rows of seq_len + 1 tokens: row r is tokens[r T : r T + T + 1] (neighbouring rows share a
+    token, inputs and labels shifted by one)."""
 
-    def __init__(self, tokens, seed: int, batch_size: int, seq_len: int, vocab_size: int, path="train.bin"):
-        self.tokens, self.seed, self.B, self.T, self.V, self.path = tokens, seed, batch_size, seq_len, vocab_size, path
-        self.n_chunks = (len(tokens) - 1) // seq_len
+    def __init__(self, tokens, seq_len: int, vocab_size: int, path="train.bin"):
+        self.tokens, self.T, self.V, self.path = tokens, seq_len, vocab_size, path
+        self.n_rows, self.n_tokens, self.row_len = (len(tokens) - 1) // seq_len, len(tokens), seq_len + 1
+
+    def read(self, rows) -> np.ndarray:
+        out = np.stack([self.tokens[s:s + self.T + 1] for s in np.asarray(rows) * self.T]).astype(np.int32)
+        if self.n_tokens > SCAN_LIMIT:  # large files are checked batch by batch instead of upfront
+            check_ids(out, self.V, self.path)
+        return out
+
+    def sample(self, limit: int) -> np.ndarray:
+        return np.asarray(self.tokens[:limit])
+
+
+ORDERS = ("shuffled", "sequential")
+
+
+class TrainData:
+    """The global training batch at step s, a pure function of (seed, s): tokens [B, T + 1] from a row source
+    (BinRows, shards.Shards). Row g = s B + i of the stream is source row g mod n (sequential: pico-train's order,
+    step s reads rows s B .. (s + 1) B - 1) or perm_e[g mod n] with e = g // n and perm_e a permutation drawn from
+    (seed, e) (shuffled)."""
+
+    def __init__(self, source, seed: int, batch_size: int, order: str = "shuffled"):
+        if order not in ORDERS:
+            raise DataError(f"data.order={order!r}; use one of {list(ORDERS)}")
+        self.source, self.seed, self.B, self.order = source, seed, batch_size, order
+        self.n_chunks = source.n_rows
 
     @functools.lru_cache(maxsize=2)
     def perm(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.n_chunks)
 
+    def indices(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        g = step * self.B + np.arange(lo, self.B if hi is None else hi)
+        if self.order == "sequential":
+            return g % self.n_chunks
+        return np.array([self.perm(e)[c] for e, c in zip(g // self.n_chunks, g % self.n_chunks)])
+
     def rows(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         """Rows lo..hi of the global batch at `step`, [hi - lo, T + 1] int32."""
-        g = step * self.B + np.arange(lo, self.B if hi is None else hi)
-        starts = np.array([self.perm(e)[c] for e, c in zip(g // self.n_chunks, g % self.n_chunks)]) * self.T
-        out = np.stack([self.tokens[s:s + self.T + 1] for s in starts]).astype(np.int32)
-        if self.n_chunks * self.T > SCAN_LIMIT:  # large files are checked batch by batch instead of upfront
-            check_ids(out, self.V, self.path)
-        return out
+        return self.source.read(self.indices(step, lo, hi))
 
     def batch(self, step: int, sharding) -> jax.Array:
-        return to_global(lambda lo, hi: self.rows(step, lo, hi), sharding, (self.B, self.T + 1))
+        return to_global(lambda lo, hi: self.rows(step, lo, hi), sharding, (self.B, self.source.row_len))
 
 
-def n_valid_batches(n_tokens: int, batch_size: int, seq_len: int, max_tokens: int | None, path="valid.bin") -> int:
-    """How many whole eval batches the validation file gives (within eval.max_tokens); at least one, or DataError."""
-    n_chunks = (n_tokens - 1) // seq_len
+def n_valid_batches(n_rows: int, batch_size: int, seq_len: int, max_tokens: int | None, path="valid.bin") -> int:
+    """How many whole eval batches a validation source of n_rows rows gives (within eval.max_tokens); at least
+    one, or DataError."""
+    n_chunks = n_rows
     if max_tokens:
         n_chunks = min(n_chunks, max(1, max_tokens // seq_len))
     n_batches = n_chunks // batch_size
@@ -226,16 +258,46 @@ def n_valid_batches(n_tokens: int, batch_size: int, seq_len: int, max_tokens: in
     return n_batches
 
 
-def valid_batches(tokens, batch_size: int, seq_len: int, max_tokens: int | None, sharding, path="valid.bin"):
-    """Consecutive non-overlapping chunks of the validation file, the same every time; drops a partial batch."""
-    n_batches = n_valid_batches(len(tokens), batch_size, seq_len, max_tokens, path)
-
-    def rows(b, lo, hi):
-        starts = (b * batch_size + np.arange(lo, hi)) * seq_len
-        return np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int32)
-
+def valid_batches(source, batch_size: int, seq_len: int, max_tokens: int | None, sharding, path="valid.bin"):
+    """Consecutive rows of a validation source (BinRows: non-overlapping chunks of the file), the same every
+    time; drops a partial batch."""
+    n_batches = n_valid_batches(source.n_rows, batch_size, seq_len, max_tokens, path)
     for b in range(n_batches):
-        yield to_global(functools.partial(rows, b), sharding, (batch_size, seq_len + 1))
+        yield to_global(lambda lo, hi: source.read(b * batch_size + np.arange(lo, hi)), sharding,
+                        (batch_size, source.row_len))
+
+
+def open_source(spec, split: str | None, d, vocab_size: int, seq_len: int):
+    """A row source from a spec: a .bin file (data.token_dtype), a folder (its <split>.bin, else its parquet shards
+    of the split, shards.split_names), a .parquet file, or hf://datasets/OWNER/NAME[@REVISION] (a Hub dataset's
+    parquet shards, fetched into data.cache_dir as the run reaches them). split: train, valid, or None for a
+    source named for one purpose (data.valid): its val shards if any, else all of it."""
+    spec, bin_name = str(spec), f"{split or 'valid'}.bin"
+    if spec.startswith("hf://datasets/"):
+        repo, _, rev = spec.removeprefix("hf://datasets/").partition("@")
+        hub = shards.HubFiles(repo, d.cache_dir, d.cache_max_gb, rev or None, d.hf_endpoint)
+        names = shards.split_names(hub.names, split)
+        if not names and split == "valid":
+            raise DataError(f"{spec} has no validation shards (names starting with val / valid / validation); set "
+                            f"data.valid to a validation source, e.g. "
+                            f"data.valid=hf://datasets/pico-lm/pretokenized-paloma-tinsy (pico's)")
+        return shards.Shards(names, d.column, seq_len + 1, vocab_size, f"{spec} ({split or 'all'} shards)", hub,
+                             d.prefetch_shards)
+    path = Path(spec).expanduser()
+    if path.suffix == ".parquet":
+        return shards.Shards([str(path)], d.column, seq_len + 1, vocab_size, str(path))
+    if path.is_dir() and not (path / bin_name).exists() and any(path.rglob("*.parquet")):
+        return shards.Shards(shards.local_shards(path, split), d.column, seq_len + 1, vocab_size,
+                             f"{path} ({split or 'all'} shards: names starting with {split or 'val'})")
+    if path.is_dir() or not path.suffix:
+        path = path / bin_name
+    return BinRows(open_tokens(path, d.token_dtype, vocab_size, seq_len), seq_len, vocab_size, path)
+
+
+def train_spec(d) -> str:
+    """Where a run's training rows come from: data.hf_dataset (a Hub dataset id), else data.dir or the built-in
+    corpus."""
+    return f"hf://datasets/{d.hf_dataset}" if d.hf_dataset else str(data_dir(d))
 
 
 def prefetch(make, steps, depth: int = 2):

@@ -168,21 +168,24 @@ class Trainer:
         self.cfg = cfg
         self.mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
         check_batch(self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
+        self.run_dir = Path(cfg.run_dir)
+        self.is_main = jax.process_index() == 0
+        self.data_dir = data.data_dir(cfg.data)
+        T, V, d = cfg.model.seq_len, cfg.model.vocab_size, cfg.data  # data first: bad data fails before any compile
+        self.train_rows = data.open_source(data.train_spec(d), "train", d, V, T)
+        self.valid_rows = data.open_source(d.valid, None, d, V, T) if d.valid else \
+            data.open_source(data.train_spec(d), "valid", d, V, T)
+        self.dynamics_rows = data.open_source(cfg.checkpoint.dynamics.eval_data, None, d, V, T) \
+            if cfg.checkpoint.dynamics.eval_data else self.valid_rows
+        for rows, n, what in ((self.valid_rows, cfg.eval.max_tokens, "validation data"),
+                              (self.dynamics_rows, None, "learning-dynamics eval batch")):  # fail now, not later
+            data.n_valid_batches(rows.n_rows, cfg.eval.batch_size, T, n, f"{rows.path} ({what})")
+        self.train_data = data.TrainData(self.train_rows, cfg.seed, d.batch_size, d.order)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
         self.init_note = None
         self.mcfg, self.relora, self.schedule, self.graphdef, self.state = train_state.build(cfg, self.mesh,
                                                                                             self.start_weights())
-        self.run_dir = Path(cfg.run_dir)
-        self.is_main = jax.process_index() == 0
-        self.data_dir = data.data_dir(cfg.data)
-        T, V = self.mcfg.seq_len, self.mcfg.vocab_size
-        self.train_tokens = data.open_tokens(self.data_dir / "train.bin", cfg.data.token_dtype, V, T)
-        self.valid_tokens = data.open_tokens(self.data_dir / "valid.bin", cfg.data.token_dtype, V, T)
-        data.n_valid_batches(len(self.valid_tokens), cfg.eval.batch_size, T, cfg.eval.max_tokens,
-                             self.data_dir / "valid.bin")  # fail now, not at the first evaluation
-        self.train_data = data.TrainData(self.train_tokens, cfg.seed, cfg.data.batch_size, T, V,
-                                         self.data_dir / "train.bin")
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
         self.dynamics_layers, self.dynamics_note = dynamics.choose_layers(self.mcfg, cfg.checkpoint.dynamics.layers)
         self.pico_names = dynamics.check_format(cfg.checkpoint.dynamics.format, self.dynamics_layers)
@@ -258,7 +261,7 @@ class Trainer:
     def evaluate(self) -> dict:
         total, count = 0.0, 0.0
         with jax.set_mesh(self.mesh):
-            for tokens in data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
+            for tokens in data.valid_batches(self.valid_rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
                                              self.cfg.eval.max_tokens, self.batch_sharding):
                 s, n = self.eval_step(self.state, tokens)
                 total, count = total + s, count + n
@@ -290,10 +293,9 @@ class Trainer:
         if not (s.n_samples and s.max_new_tokens):
             return {}
         ids, _ = self.prompt_ids()
-        T = self.mcfg.seq_len
-        n_seqs = len(self.valid_tokens) // T
-        starts = [(i * n_seqs // s.n_samples) * T for i in range(s.n_samples)]
-        prompts = [self.valid_tokens[i:i + GREEDY_PROMPT].astype(np.int64).tolist() for i in starts]
+        n_seqs = self.valid_rows.n_rows
+        prompts = [self.valid_rows.read([i * n_seqs // s.n_samples])[0, :GREEDY_PROMPT].astype(np.int64).tolist()
+                   for i in range(s.n_samples)]
         key = jax.random.key(self.cfg.seed)
         with jax.set_mesh(self.mesh):
             sampled = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, key, s.temperature, s.top_k,
@@ -334,7 +336,7 @@ class Trainer:
             with jax.set_mesh(self.mesh):  # the same context at every save, or the jitted step would recompile
                 tokens = self.train_data.batch(step, self.batch_sharding)
                 train_snap = dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
-                eval_tokens = next(data.valid_batches(self.valid_tokens, self.cfg.eval.batch_size, self.mcfg.seq_len,
+                eval_tokens = next(data.valid_batches(self.dynamics_rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
                                                       None, self.batch_sharding))
                 eval_snap = dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
             if self.pico_names and train_snap is not None:  # process 0, once Orbax has the step's folder in place
@@ -385,7 +387,7 @@ class Trainer:
         peak, source = self.peak
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
-              f"({len(self.train_tokens):,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
+              f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
         notes = [self.init_note, *self.mcfg.notes(), self.dynamics_note, self.hf_note,
                  *self.relora.notes(self.graphdef, self.state)]
         for note in notes:
@@ -436,7 +438,7 @@ class Trainer:
         self.last_eval = dict(step=steps, val_loss=final["val_loss"], val_ppl=final["val_ppl"])
         self.record_eval(steps, self.last_eval)
         self.save(steps)  # after the final evaluation, which it stores
-        final["unigram_entropy"] = data.unigram_entropy(self.train_tokens[:data.SCAN_LIMIT], self.mcfg.vocab_size)
+        final["unigram_entropy"] = data.unigram_entropy(self.train_rows.sample(data.SCAN_LIMIT), self.mcfg.vocab_size)
         final.update(self.diversity(), params=self.n_params, tokens=self.tokens_seen(steps))
         self.log(final, steps)
         sample = self.sample() if cfg.sample.max_new_tokens else None

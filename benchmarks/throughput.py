@@ -127,7 +127,7 @@ def measure(a) -> dict:
     if a.real:
         d = data.data_dir(cfg.data)
         tokens = data.open_tokens(d / "train.bin", cfg.data.token_dtype, mcfg.vocab_size, T)
-        train_data = data.TrainData(tokens, cfg.seed, B, T, mcfg.vocab_size, d / "train.bin")
+        train_data = data.TrainData(data.BinRows(tokens, T, mcfg.vocab_size, d / "train.bin"), cfg.seed, B)
         batches = data.prefetch(lambda s: train_data.batch(s, sharding), range(n_steps))
     else:  # device-resident random tokens, drawn once per step (a pure function of the step)
         batches = ((s, jax.device_put(np.random.default_rng(s).integers(0, mcfg.vocab_size, (B, T + 1), np.int32),

@@ -1,7 +1,8 @@
 """A local stand-in for the Hugging Face Hub's HTTP API, for tests (no network): repos with branches, commits that
 keep every version of every file, tags, the commit list, the file tree and file downloads; enough for
 huggingface_hub's create_commit / create_tag / list_repo_commits / snapshot_download and transformers'
-from_pretrained(revision=...). `fail_next` makes the next N commits fail with a 500, as a Hub that is down."""
+from_pretrained(revision=...), and datasets' files (hf_hub_download(repo_type="dataset")). `fail_next` makes the
+next N commits fail with a 500, as a Hub that is down; `fail_files[path] = N` the next N downloads of a file."""
 import base64
 import hashlib
 import json
@@ -36,12 +37,17 @@ class Repo:
 class Hub:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
-        self.fail_next = 0
+        self.fail_next, self.fail_files, self.downloads = 0, {}, []
         self.lock = threading.Lock()
         handler = type("Handler", (Handler,), {"hub": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_dataset(self, repo: str, files: dict):
+        """A dataset repo holding `files` {path: bytes} on main."""
+        r = self.repos[f"datasets/{repo}"] = Repo()
+        r.branches["main"] = r.new_commit(r.branches["main"], "add files", {".gitattributes": b"", **files})
 
     def titles(self, repo, rev):
         r = self.repos[repo]
@@ -75,9 +81,10 @@ class Handler(BaseHTTPRequestHandler):
         """(repo, verb, rest, query) of /api/models/<owner>/<name>/<verb>/<rest> or /<owner>/<name>/resolve/..."""
         url = urlsplit(self.path)
         parts = url.path.strip("/").split("/")
-        if parts[:2] == ["api", "models"]:
-            parts = parts[2:]
-        return "/".join(parts[:2]), (parts[2] if len(parts) > 2 else ""), parts[3:], parse_qs(url.query)
+        if parts[0] == "api":
+            parts = parts[1:] if parts[1] == "datasets" else parts[2:]  # models: no prefix in the repo key
+        n = 3 if parts[0] == "datasets" else 2  # datasets/<owner>/<name>
+        return "/".join(parts[:n]), (parts[n] if len(parts) > n else ""), parts[n + 1:], parse_qs(url.query)
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -164,5 +171,11 @@ class Handler(BaseHTTPRequestHandler):
         data = repo.commits[oid]["files"].get(path)
         if data is None:
             return self.missing("EntryNotFound", f"no file {path} at {rev}")
+        if self.command == "GET":
+            with self.hub.lock:
+                self.hub.downloads.append(path)
+                if self.hub.fail_files.get(path):
+                    self.hub.fail_files[path] -= 1
+                    return self.reply({"error": "the stand-in Hub is down"}, 500)
         etag = f'"{hashlib.sha1(data).hexdigest()}"'
         self.reply(body=data, headers=[("X-Repo-Commit", oid), ("ETag", etag)])

@@ -46,12 +46,12 @@ def test_prepare_cli_with_trained_bpe_and_with_a_tokenizer_file(tmp_path, corpus
 
 def test_batch_is_a_pure_function_of_seed_and_step(corpus_cache):
     tokens = data.open_tokens(data.builtin_corpus(corpus_cache) / "train.bin", "uint16", 4096, 64)
-    a, b = data.TrainData(tokens, 0, 8, 64, 4096), data.TrainData(tokens, 0, 8, 64, 4096)
+    a, b = data.TrainData(data.BinRows(tokens, 64, 4096), 0, 8), data.TrainData(data.BinRows(tokens, 64, 4096), 0, 8)
     np.testing.assert_array_equal(a.rows(7), b.rows(7))
     assert not np.array_equal(a.rows(7), a.rows(8))
-    assert not np.array_equal(a.rows(7), data.TrainData(tokens, 1, 8, 64, 4096).rows(7))
+    assert not np.array_equal(a.rows(7), data.TrainData(data.BinRows(tokens, 64, 4096), 1, 8).rows(7))
     # one epoch visits every chunk exactly once
-    small = data.TrainData(tokens[:64 * 40 + 1], 0, 8, 64, 4096)
+    small = data.TrainData(data.BinRows(tokens[:64 * 40 + 1], 64, 4096), 0, 8)
     starts = np.concatenate([small.rows(s)[:, 0] for s in range(5)])
     assert sorted(starts) == sorted(tokens[:64 * 40:64])
 
