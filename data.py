@@ -1,120 +1,42 @@
-"""Token data: nanoGPT-format `.bin` files, a data order fixed by the seed, and text -> `.bin` preparation.
+"""Token data at train time: sources of rows of seq_len + 1 token ids (nanoGPT-format `.bin` files here, parquet
+shards in shards.py), the data order, the global batch of a step, and validation batches.
 
-A `.bin` file is a flat little-endian array of token ids (uint16, or uint32 for vocabularies above 65536).
-`prepare` also writes `tokenizer.json` (Hugging Face `tokenizers` format) and `meta.json` beside the bins.
+A `.bin` file is a flat little-endian array of token ids (uint16, or uint32 for vocabularies above 65536);
+prepare.py makes them from text, with `tokenizer.json` (Hugging Face `tokenizers` format) and `meta.json` beside.
 
 Data order (pico's principle): the training file is cut into chunks of seq_len + 1 tokens (inputs and labels
 shifted by one, neighbouring chunks sharing one token). Row g = step * batch + i of the global batch is chunk
-perm_e[g mod n_chunks] with e = g // n_chunks and perm_e a permutation drawn from (seed, e): one pass over the
-data per epoch, and the batch at a step is a pure function of (seed, step) whatever the device or process count.
-
-    python data.py prepare --out data/mytext --tokenizer bpe --vocab-size 8192 a.txt b.txt
-    python data.py prepare --out data/mytext --tokenizer path/to/tokenizer.json notes/*.md
+perm_e[g mod n_chunks] with e = g // n_chunks and perm_e a permutation drawn from (seed, e) (data.order=shuffled),
+or chunk g mod n_chunks (sequential, pico-train's order): the batch at a step is a pure function of (seed, step)
+whatever the device or process count.
 """
-import argparse
 import functools
 import json
-import lzma
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
 
 import jax
 import numpy as np
 
+import prepare
 import shards
 from config import DataError
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wiki.txt.xz"  # 104 English Wikipedia articles, CC BY-SA
-EOT = "<|endoftext|>"
 SCAN_LIMIT = 1 << 28  # files up to this many tokens are scanned for out-of-vocab ids when opened
 
 
-# ---------------------------------------------------------------------------------------------- preparation
-
-def train_bpe(docs, vocab_size: int):
-    """A byte-level BPE (GPT-2 style pre-tokenization) trained on `docs`; deterministic for the same input."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer)
-    return tok
-
-
-def load_tokenizer(path):
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(path))
-
-
-def read_docs(files) -> list[str]:
-    """Documents from text files (.txt, or .xz compressed); blank-line triples separate documents in a file."""
-    docs = []
-    for f in map(Path, files):
-        if not f.exists():
-            raise DataError(f"input text file {f} does not exist")
-        text = lzma.open(f, "rt", encoding="utf-8").read() if f.suffix == ".xz" else f.read_text(encoding="utf-8")
-        docs += [d.strip() for d in text.split("\n\n\n") if d.strip()]
-    if not docs:
-        raise DataError(f"no text found in {list(map(str, files))}")
-    return docs
-
-
-def prepare(files, out_dir, tokenizer: str = "bpe", vocab_size: int = 4096, valid_every: int = 20) -> Path:
-    """Tokenize text files into out_dir/{train,valid}.bin + tokenizer.json + meta.json.
-
-    tokenizer: "bpe" trains a byte-level BPE of `vocab_size` on the training documents; otherwise a path to a
-    `tokenizer.json` or a Hugging Face Hub name (`tokenizers.Tokenizer.from_pretrained`). Every `valid_every`-th
-    document goes to valid.bin (the last 5% of tokens if there is only one document). Files appear atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    docs = read_docs(files)
-    is_valid = [(i + 1) % valid_every == 0 for i in range(len(docs))]
-    if len(docs) > 1 and not any(is_valid):
-        is_valid[-1] = True
-    train_docs = [d for d, v in zip(docs, is_valid) if not v]
-    valid_docs = [d for d, v in zip(docs, is_valid) if v]
-    if tokenizer == "bpe":
-        tok = train_bpe(train_docs, vocab_size)
-    elif Path(tokenizer).exists():
-        tok = load_tokenizer(tokenizer)
-    else:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_pretrained(tokenizer)
-    vocab = tok.get_vocab_size()
-    eot = tok.token_to_id(EOT)
-    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-
-    def encode(ds):
-        ids = []
-        for enc in tok.encode_batch(ds):
-            ids += enc.ids + ([eot] if eot is not None else [])
-        return np.asarray(ids, dtype=dtype)
-
-    train, valid = encode(train_docs), encode(valid_docs)
-    if not valid_docs:  # one document: hold out its tail
-        cut = int(len(train) * 0.95)
-        train, valid = train[:cut], train[cut:]
-    for name, arr in (("train.bin", train), ("valid.bin", valid)):
-        tmp = out / (name + ".tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, out / name)
-    tok.save(str(out / "tokenizer.json"))
-    meta = dict(vocab_size=vocab, dtype=np.dtype(dtype).name, train_tokens=int(len(train)),
-                valid_tokens=int(len(valid)), eot_id=eot, tokenizer=tokenizer, sources=[str(f) for f in files])
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return out
-
+# ---------------------------------------------------------------------------------------------- the built-in corpus
 
 def builtin_corpus(cache_dir, vocab_size: int = 4096) -> Path:
     """The built-in corpus (corpus/wiki.txt.xz, real English) as .bin files, prepared on first use."""
     out = Path(os.path.expanduser(cache_dir)) / f"wiki-bpe{vocab_size}"
     if not (out / "meta.json").exists():
         print(f"preparing the built-in corpus in {out} (once)")
-        prepare([CORPUS], out, "bpe", vocab_size)
+        prepare.prepare([CORPUS], out, "bpe", vocab_size, workers=0)
     return out
 
 
@@ -328,19 +250,7 @@ def prefetch(make, steps, depth: int = 2):
         stop.set()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    pp = sub.add_parser("prepare", help="tokenize text files into train.bin / valid.bin")
-    pp.add_argument("files", nargs="+", help="text files (.txt or .txt.xz); documents separated by two blank lines")
-    pp.add_argument("--out", required=True, help="output folder")
-    pp.add_argument("--tokenizer", default="bpe", help="'bpe' (train one), a tokenizer.json path, or a Hub name")
-    pp.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size when training a BPE")
-    pp.add_argument("--valid-every", type=int, default=20, help="every n-th document goes to valid.bin")
-    a = p.parse_args(argv)
-    out = prepare(a.files, a.out, a.tokenizer, a.vocab_size, a.valid_every)
-    print(json.dumps(json.loads((out / "meta.json").read_text()), indent=1))
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python data.py prepare ...`, as before prepare.py: the same command
+    if sys.argv[1:2] != ["prepare"]:
+        sys.exit("usage: python data.py prepare --out DIR INPUTS... (or python prepare.py ...: see its --help)")
+    prepare.main(sys.argv[2:])

@@ -36,6 +36,7 @@ from safetensors.flax import load_file as load_flax  # reads bfloat16 too, which
 from safetensors.numpy import save_file
 
 import data
+import prepare
 import train_state
 from checkpoint import Background, CheckpointError, into_step_dir
 from config import BLOCK_LINEARS, ConfigError
@@ -189,11 +190,11 @@ def export_hf(model: Decoder, out_dir, tokenizer=None) -> Path:
 
 def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
     """The run's tokenizer.json, with tokenizer_config.json and generation_config.json declaring its special token
-    (data.EOT, GPT-2 style: it begins and ends documents) so that AutoTokenizer gives eos / bos ids; returns the
-    token ids for config.json. A tokenizer without data.EOT declares none."""
+    (prepare.EOT, GPT-2 style: it begins and ends documents) so that AutoTokenizer gives eos / bos ids; returns the
+    token ids for config.json. A tokenizer without prepare.EOT declares none."""
     shutil.copy(tokenizer_json, out / "tokenizer.json")
-    eot = data.load_tokenizer(tokenizer_json).token_to_id(data.EOT)
-    special = {} if eot is None else dict(bos_token=data.EOT, eos_token=data.EOT, unk_token=data.EOT)
+    eot = prepare.load_tokenizer(tokenizer_json).token_to_id(prepare.EOT)
+    special = {} if eot is None else dict(bos_token=prepare.EOT, eos_token=prepare.EOT, unk_token=prepare.EOT)
     ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
     (out / "tokenizer_config.json").write_text(json.dumps(dict(
         tokenizer_class="PreTrainedTokenizerFast", model_max_length=seq_len, add_bos_token=False,

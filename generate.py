@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 import data
+import prepare
 import train_state
 from checkpoint import CheckpointError
 from config import ConfigError
@@ -27,7 +28,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
                   top_k: int = 0, top_p: float = 0.95, seed: int = 0) -> list[str]:
     """Each prompt followed by its sampled continuation (greedy at temperature 0). Text after an end-of-text
     token (the start of another document) is dropped; an empty prompt starts a new document."""
-    eot = tokenizer.token_to_id(data.EOT)
+    eot = tokenizer.token_to_id(prepare.EOT)
     ids = [tokenizer.encode(p).ids or ([eot] if eot is not None else [0]) for p in prompts]
     new = generate_ids(model, ids, max_new_tokens, jax.random.key(seed), temperature, top_k, top_p)
     new = [n[:n.index(eot)] if eot in n else n for n in new]
@@ -42,7 +43,7 @@ def open_run(path, step: int | None = None, tokenizer=None):
     if not tok_path.exists():
         raise data.DataError(f"no tokenizer at {tok_path}; pass --tokenizer PATH, the tokenizer.json the data was "
                              f"prepared with")
-    return model, data.load_tokenizer(tok_path), cfg
+    return model, prepare.load_tokenizer(tok_path), cfg
 
 
 def main(argv=None):

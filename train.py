@@ -25,6 +25,7 @@ import config
 import data
 import dynamics
 import export
+import prepare
 import relora
 import snapshots
 import train_state
@@ -217,7 +218,7 @@ class Trainer:
         weights = export.init_weights(path, model_config(self.cfg.model))
         theirs, ours = Path(path).expanduser() / "tokenizer.json", data.data_dir(self.cfg.data) / "tokenizer.json"
         if theirs.exists() and ours.exists() and \
-                data.load_tokenizer(theirs).get_vocab() != data.load_tokenizer(ours).get_vocab():
+                prepare.load_tokenizer(theirs).get_vocab() != prepare.load_tokenizer(ours).get_vocab():
             raise ConfigError(f"model.init_from={path} has another tokenizer than the run's data ({ours}); "
                               f"tokenize the text with it: `python data.py prepare FILES --out DIR --tokenizer "
                               f"{theirs}`, then data.dir=DIR")
@@ -271,7 +272,7 @@ class Trainer:
     def prompt_ids(self):
         """sample.prompt as token ids through the run's tokenizer, and the tokenizer (None without one: token 0)."""
         tok_path = self.data_dir / "tokenizer.json"
-        tok = data.load_tokenizer(tok_path) if tok_path.exists() else None
+        tok = prepare.load_tokenizer(tok_path) if tok_path.exists() else None
         return (tok.encode(self.cfg.sample.prompt).ids if tok else []) or [0], tok
 
     def sample(self) -> str:

@@ -16,6 +16,7 @@ import checkpoint
 import data
 import export
 import families
+import prepare
 import relora
 import train
 import train_state
@@ -204,7 +205,7 @@ def test_a_run_starts_from_a_llama_or_a_pico_decoder_folder(tiny_cfg, tmp_path):
                                           r"model.d_hidden=256, .*; set `model.d_hidden=128 model.d_model=32 "):
         train.Trainer(tiny_cfg(f"model.init_from={tmp_path / 'hf'}", "model.d_model=64", "model.n_heads=8"))
     other = Path(shutil.copytree(tmp_path / "hf", tmp_path / "hf-other-tokenizer"))
-    data.train_bpe(["one two three four five"] * 50, 300).save(str(other / "tokenizer.json"))
+    prepare.train_bpe(["one two three four five"] * 50, 300).save(str(other / "tokenizer.json"))
     with pytest.raises(ConfigError, match="another tokenizer than the run's data"):
         train.Trainer(tiny_cfg(f"model.init_from={other}"))
     (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "weights.safetensors")

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 
 import data
+import prepare
 import train
 from conftest import ROOT
 
@@ -15,7 +16,7 @@ def test_builtin_corpus_is_real_text_with_subword_tokens_and_reused(corpus_cache
     meta = json.loads((out / "meta.json").read_text())
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 4096 and meta["train_tokens"] > 500_000
     tokens = np.memmap(out / "train.bin", dtype=np.uint16, mode="r")
-    text = data.load_tokenizer(out / "tokenizer.json").decode(tokens[:200].tolist())
+    text = prepare.load_tokenizer(out / "tokenizer.json").decode(tokens[:200].tolist())
     assert "Anarchism is a political philosophy" in text
     assert len(text) / 200 > 3  # subword tokens: several characters each
     mtime = (out / "train.bin").stat().st_mtime_ns
@@ -35,13 +36,14 @@ def test_prepare_cli_with_trained_bpe_and_with_a_tokenizer_file(tmp_path, corpus
     train_ids = np.fromfile(tmp_path / "bpe" / "train.bin", dtype=np.uint16)
     valid_ids = np.fromfile(tmp_path / "bpe" / "valid.bin", dtype=np.uint16)
     assert len(train_ids) == meta["train_tokens"] and len(valid_ids) == meta["valid_tokens"] > 0
-    tok = data.load_tokenizer(tmp_path / "bpe" / "tokenizer.json")
+    tok = prepare.load_tokenizer(tmp_path / "bpe" / "tokenizer.json")
     assert tok.decode(valid_ids.tolist()).startswith("Document 19.")  # every 20th document is held out
     # an existing tokenizer.json (here the built-in corpus's) instead of training one
-    data.main(["prepare", "--out", str(tmp_path / "file"), "--tokenizer",
-               str(data.builtin_corpus(corpus_cache) / "tokenizer.json"), str(src)])
+    prepare.main(["--out", str(tmp_path / "file"), "--tokenizer",
+                  str(data.builtin_corpus(corpus_cache) / "tokenizer.json"), str(src)])
     ids = np.fromfile(tmp_path / "file" / "train.bin", dtype=np.uint16)
-    assert ids.max() < 4096 and "quick brown fox" in data.load_tokenizer(tmp_path / "file" / "tokenizer.json").decode(ids[:50].tolist())
+    text = prepare.load_tokenizer(tmp_path / "file" / "tokenizer.json").decode(ids[:50].tolist())
+    assert ids.max() < 4096 and "quick brown fox" in text
 
 
 def test_batch_is_a_pure_function_of_seed_and_step(corpus_cache):
