@@ -62,12 +62,16 @@ def reject_unknown(given, known, prefix: str = "", what: str = "config key", err
                     f"{[str(k) for k in known if k != 'defaults']}")
 
 
+FREE_BLOCKS = ("model.relora", "eval.sets")  # blocks whose keys are not base.yaml's: checked by their readers
+
+
 def check_keys(cfg, ref=None, prefix: str = ""):
     """Reject keys that base.yaml does not define (a typo in an override or a config file). model.relora's keys
-    are ReLoRAConfig's, the families' sub-blocks their configs': those check themselves."""
+    are ReLoRAConfig's, eval.sets' the names of validation sets, the families' sub-blocks their configs': those
+    check themselves."""
     register_resolvers()
     ref = OmegaConf.load(CONFIGS / "base.yaml") if ref is None else ref
     reject_unknown(cfg, ref, prefix)
     for k in cfg:
-        if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]) and f"{prefix}{k}" != "model.relora":
+        if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]) and f"{prefix}{k}" not in FREE_BLOCKS:
             check_keys(cfg[k], ref[k], f"{prefix}{k}.")

@@ -23,7 +23,7 @@ import numpy as np
 
 import prepare
 import shards
-from config import DataError
+from config import ConfigError, DataError
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "wiki.txt.xz"  # 104 English Wikipedia articles, CC BY-SA
 SCAN_LIMIT = 1 << 28  # files up to this many tokens are scanned for out-of-vocab ids when opened
@@ -214,6 +214,31 @@ def open_source(spec, split: str | None, d, vocab_size: int, seq_len: int):
     if path.is_dir() or not path.suffix:
         path = path / bin_name
     return BinRows(open_tokens(path, d.token_dtype, vocab_size, seq_len), seq_len, vocab_size, path)
+
+
+def check_sets(sets) -> dict:
+    """eval.sets: names that can be metric keys (<name>_loss), none of them `val` (the run's own validation data)."""
+    sets = dict(sets or {})
+    bad = [k for k in sets if not str(k).isidentifier() or k == "val"]
+    if bad:
+        raise ConfigError(f"eval.sets: names {bad} cannot be set names (letters, digits, _; `val` is the run's own "
+                          f"validation data); e.g. '+eval.sets={{c4: data/paloma/c4}}'")
+    return sets
+
+
+def open_run_data(cfg):
+    """A run's row sources: (train, validation, the learning-dynamics eval batch's, {eval set name: source} with
+    the validation data as `val`), each checked to hold at least one eval batch."""
+    T, V, d = cfg.model.seq_len, cfg.model.vocab_size, cfg.data
+    train = open_source(train_spec(d), "train", d, V, T)
+    valid = open_source(d.valid, None, d, V, T) if d.valid else open_source(train_spec(d), "valid", d, V, T)
+    spec = cfg.checkpoint.dynamics.eval_data
+    dyn = open_source(spec, None, d, V, T) if spec else valid
+    sets = {"val": valid, **{name: open_source(s, None, d, V, T) for name, s in check_sets(cfg.eval.sets).items()}}
+    for rows, n, what in [*((r, cfg.eval.max_tokens, f"eval set {k}") for k, r in sets.items()),
+                          (dyn, None, "learning-dynamics eval batch")]:
+        n_valid_batches(rows.n_rows, cfg.eval.batch_size, T, n, f"{rows.path} ({what})")
+    return train, valid, dyn, sets
 
 
 def train_spec(d) -> str:

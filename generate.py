@@ -39,11 +39,16 @@ def open_run(path, step: int | None = None, tokenizer=None):
     """(model, tokenizer, config) of a run directory or checkpoint directory (its latest step, or `step`);
     `tokenizer`: a tokenizer.json to use instead of the one in the run's data folder."""
     model, cfg, _ = train_state.load(path, step)
+    return model, run_tokenizer(cfg, tokenizer), cfg
+
+
+def run_tokenizer(cfg, tokenizer=None):
+    """The tokenizer of a run (the tokenizer.json in its data folder), or the tokenizer.json `tokenizer`."""
     tok_path = Path(tokenizer) if tokenizer else data.data_dir(cfg.data) / "tokenizer.json"
     if not tok_path.exists():
         raise data.DataError(f"no tokenizer at {tok_path}; pass --tokenizer PATH, the tokenizer.json the data was "
                              f"prepared with")
-    return model, prepare.load_tokenizer(tok_path), cfg
+    return prepare.load_tokenizer(tok_path)
 
 
 def main(argv=None):

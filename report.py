@@ -3,8 +3,9 @@
     python main.py -m model.kind=decoder,lstm,kgram_mlp     # a Hydra multirun: multirun/<date>/<time>/<job>/
     python report.py multirun/2026-11-23/05-30-00             # or any folder holding run directories
 
-Writes into that folder `report.md` and `report.csv` (per run: validation loss and perplexity at the end,
-distinct-1..5 of greedy and of top-p samples, parameters, training tokens/s) and `val_loss.png` (validation loss
+Writes into that folder `report.md` and `report.csv` (per run: validation loss and perplexity at the end, the
+perplexity of every other validation set (eval.sets), distinct-1..5 of greedy and of top-p samples, the lm-eval
+task scores (eval.tasks), parameters, training tokens/s) and `val_loss.png` (validation loss
 against training tokens, every run). A run is named by the overrides that differ between the runs (from Hydra's
 `.hydra/overrides.yaml`), else by its folder. Everything is read from each run's metrics.json and config.yaml.
 """
@@ -51,7 +52,15 @@ def row(run: Path, label: str) -> dict:
     for n in DISTINCT:
         out[f"greedy_distinct_{n}"] = final.get(f"greedy_distinct_{n}")
         out[f"top_p_distinct_{n}"] = final.get(f"distinct_{n}")
+    out.update({k: v for k, v in final.items() if k.endswith("_ppl") and k != "val_ppl"})  # eval.sets
+    for task, scores in (final.get("tasks") or {}).items():  # eval.tasks: each metric but the stderrs
+        out.update({f"{task} {m.split(',')[0]}": v for m, v in scores.items() if "stderr" not in m})
     return out
+
+
+def extra_columns(rows: list[dict]) -> list[str]:
+    """The columns beyond COLUMNS that some run has: other validation sets' perplexity, lm-eval scores."""
+    return sorted({k for r in rows for k in r if k not in COLUMNS})
 
 
 def fmt(x, spec: str) -> str:
@@ -59,13 +68,16 @@ def fmt(x, spec: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["run", "kind", "params", "val loss", "val ppl", "tokens/s", "greedy distinct-1..5", "top-p distinct-1..5"]
+    extra = extra_columns(rows)
+    head = ["run", "kind", "params", "val loss", "val ppl", "tokens/s", "greedy distinct-1..5", "top-p distinct-1..5",
+            *extra]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         dist = lambda p: " / ".join(fmt(r[f"{p}_distinct_{n}"], ".2f") for n in DISTINCT)
         lines.append("| " + " | ".join([
             r["run"], r["kind"], "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M", fmt(r["val_loss"], ".3f"),
-            fmt(r["val_ppl"], ".1f"), fmt(r["tokens_per_s"], ",.0f"), dist("greedy"), dist("top_p")]) + " |")
+            fmt(r["val_ppl"], ".1f"), fmt(r["tokens_per_s"], ",.0f"), dist("greedy"), dist("top_p"),
+            *(fmt(r.get(c), ".4g") for c in extra)]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +114,7 @@ def main(argv=None):
     rows = [row(r, n) for r, n in zip(runs, names)]
     (folder / "report.md").write_text(markdown(rows))
     with open(folder / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
+        w = csv.DictWriter(f, COLUMNS + extra_columns(rows), restval="")
         w.writeheader()
         w.writerows(rows)
     plot(runs, names, folder / "val_loss.png")

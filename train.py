@@ -25,6 +25,7 @@ import config
 import data
 import dynamics
 import export
+import lmeval
 import prepare
 import relora
 import snapshots
@@ -172,16 +173,10 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.is_main = jax.process_index() == 0
         self.data_dir = data.data_dir(cfg.data)
-        T, V, d = cfg.model.seq_len, cfg.model.vocab_size, cfg.data  # data first: bad data fails before any compile
-        self.train_rows = data.open_source(data.train_spec(d), "train", d, V, T)
-        self.valid_rows = data.open_source(d.valid, None, d, V, T) if d.valid else \
-            data.open_source(data.train_spec(d), "valid", d, V, T)
-        self.dynamics_rows = data.open_source(cfg.checkpoint.dynamics.eval_data, None, d, V, T) \
-            if cfg.checkpoint.dynamics.eval_data else self.valid_rows
-        for rows, n, what in ((self.valid_rows, cfg.eval.max_tokens, "validation data"),
-                              (self.dynamics_rows, None, "learning-dynamics eval batch")):  # fail now, not later
-            data.n_valid_batches(rows.n_rows, cfg.eval.batch_size, T, n, f"{rows.path} ({what})")
-        self.train_data = data.TrainData(self.train_rows, cfg.seed, d.batch_size, d.order)
+        # data and task names first: bad ones fail before anything compiles
+        self.train_rows, self.valid_rows, self.dynamics_rows, self.eval_sets = data.open_run_data(cfg)
+        self.tasks = lmeval.run_tasks(cfg)
+        self.train_data = data.TrainData(self.train_rows, cfg.seed, cfg.data.batch_size, cfg.data.order)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
         self.init_note = None
@@ -260,14 +255,18 @@ class Trainer:
         return nnx.merge(self.graphdef, self.state)[0]
 
     def evaluate(self) -> dict:
-        total, count = 0.0, 0.0
+        """<set>_loss and <set>_ppl of every validation set (val: the run's validation data; eval.sets)."""
+        out = {}
         with jax.set_mesh(self.mesh):
-            for tokens in data.valid_batches(self.valid_rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
-                                             self.cfg.eval.max_tokens, self.batch_sharding):
-                s, n = self.eval_step(self.state, tokens)
-                total, count = total + s, count + n
-        loss = float(total / count)
-        return dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+            for name, rows in self.eval_sets.items():
+                total, count = 0.0, 0.0
+                for tokens in data.valid_batches(rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
+                                                 self.cfg.eval.max_tokens, self.batch_sharding):
+                    s, n = self.eval_step(self.state, tokens)
+                    total, count = total + s, count + n
+                loss = float(total / count)
+                out.update({f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50.0))})
+        return out
 
     def prompt_ids(self):
         """sample.prompt as token ids through the run's tokenizer, and the tokenizer (None without one: token 0)."""
@@ -435,13 +434,18 @@ class Trainer:
         bar.close()
         if stopping:
             return self.finish(dict(step=self.saved_step, interrupted=stop.requested or "stop (another process)"))
-        final = dict(step=steps, train_loss=self.history[-1]["loss"], **self.evaluate())
-        self.last_eval = dict(step=steps, val_loss=final["val_loss"], val_ppl=final["val_ppl"])
+        evals = self.evaluate()
+        final = dict(step=steps, train_loss=self.history[-1]["loss"], **evals)
+        self.last_eval = dict(step=steps, **evals)
         self.record_eval(steps, self.last_eval)
         self.save(steps)  # after the final evaluation, which it stores
         final["unigram_entropy"] = data.unigram_entropy(self.train_rows.sample(data.SCAN_LIMIT), self.mcfg.vocab_size)
         final.update(self.diversity(), params=self.n_params, tokens=self.tokens_seen(steps))
         self.log(final, steps)
+        if self.tasks and self.is_main:  # lm-eval on the final checkpoint, once its files are on disk
+            self.wait_for_files()
+            final["tasks"] = lmeval.scores(lmeval.evaluate(self.run_dir, self.tasks, steps, cfg.eval.task_limit,
+                                                           cfg.eval.batch_size, cfg.eval.task_include_path))
         sample = self.sample() if cfg.sample.max_new_tokens else None
         if self.is_main:
             print(f"validation loss {final['val_loss']:.3f} nats (perplexity {final['val_ppl']:.1f}) vs "
