@@ -71,8 +71,12 @@ def finish(procs, logs, deadline, problem=None):
 
 
 def test_two_processes_train_like_one(corpus_cache, tmp_path, tiny_cfg, capsys):
+    """On pico's data in pico-train's order (parquet shards read sequentially), so that the two processes reading
+    only their own rows of each batch is checked on that path too (the .bin path shares it: data.TrainData)."""
     port = free_port()
-    overrides = [*TINY, f"data.cache_dir={corpus_cache}", *LAYOUT, *SAMPLE]
+    pico_folder(tmp_path / "shards")
+    data_keys = [f"data.dir={tmp_path / 'shards'}", "data.order=sequential"]
+    overrides = [*TINY, f"data.cache_dir={corpus_cache}", *LAYOUT, *SAMPLE, *data_keys]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "WANDB_MODE": "disabled"}
     env.pop("JAX_NUM_CPU_DEVICES", None)
@@ -83,7 +87,7 @@ def test_two_processes_train_like_one(corpus_cache, tmp_path, tiny_cfg, capsys):
     deadline = time.monotonic() + TIMEOUT
     try:  # the reference meanwhile: one process (this one), 8 devices, the same config (run_dir tmp_path/run)
         assert jax.device_count() == 8 and jax.process_count() == 1
-        train.run(tiny_cfg(*LAYOUT, *SAMPLE))
+        train.run(tiny_cfg(*LAYOUT, *SAMPLE, *data_keys))
     except BaseException as e:
         finish(procs, logs, deadline, problem=f"stopped, as the single-process reference run raised {e!r}")
         raise
