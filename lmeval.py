@@ -68,7 +68,9 @@ class PicojaxLM(TemplateLM):
                             f"end-of-text / prefix token; prepare the data with prepare.py, which declares it")
         self._eot, self.model, self.max_length = eot, model, model.cfg.seq_len
         self.graphdef, self.state = nnx.split(model)
-        self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
+        # lm-eval passes its own batch_size (None unless --batch_size, "auto" not supported here: a fixed size)
+        self.batch_size = 32 if batch_size in (None, "", "auto") else int(str(batch_size).split(":")[0])
+        self.max_gen_toks = int(max_gen_toks)
         self.warned = False
 
     @property

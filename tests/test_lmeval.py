@@ -96,7 +96,7 @@ def test_scores_equal_lm_evals_hf_model_on_the_exported_checkpoint(run):
                 assert r_ours[task][metric] == pytest.approx(value, rel=1e-4, abs=1e-4), (task, metric)
 
 
-def test_the_command_writes_results_beside_the_run_and_names_unknown_tasks(run):
+def test_the_command_writes_results_beside_the_run_and_names_unknown_tasks(run, monkeypatch):
     lmeval.main([str(run / "run"), "--tasks", "pj_mc,pj_ppl", "--include-path", str(run), "--limit", "3"])
     out = json.loads((run / "run" / "eval_results" / "step_6.json").read_text())
     assert out["step"] == 6 and {"pj_mc", "pj_ppl"} <= set(out["results"]) and out["limit"] == 3
@@ -105,3 +105,6 @@ def test_the_command_writes_results_beside_the_run_and_names_unknown_tasks(run):
     with pytest.raises(lmeval.ConfigError, match=r"unknown lm-eval task\(s\): 'pj_mcq' \(close: \['pj_mc'.*; "
                                                  r"'arc_eazy' \(close: \['arc_easy'\]\).*--include-path DIR"):
         lmeval.check_tasks(["pj_mc", "pj_mcq", "arc_eazy"], index)
+    monkeypatch.setattr(lmeval, "lm_eval", None)  # lm-eval absent: a clear error naming the install
+    with pytest.raises(lmeval.ConfigError, match=r"lm-eval is not installed: pip install lm-eval==0.4.13"):
+        lmeval.task_manager("/nowhere", ("x",))
