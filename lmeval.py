@@ -206,12 +206,12 @@ def scores(res: dict) -> dict:
 
 
 def evaluate(run_dir, tasks: list[str], step=None, limit=None, batch_size: int = 32, include_path=None,
-             wandb: str = "disabled", num_fewshot=None) -> dict:
+             wandb: str = "disabled", num_fewshot=None, tokenizer=None) -> dict:
     """Run lm-eval tasks on a run's checkpoint; writes <run_dir>/eval_results/step_<k>.json; returns lm-eval's
     results dict."""
     manager = task_manager(str(include_path) if include_path else None, tuple(tasks))
     check_tasks(tasks, manager)
-    lm = PicojaxLM(run_dir, step, batch_size)
+    lm = PicojaxLM(run_dir, step, batch_size, tokenizer=tokenizer)
     res = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, num_fewshot=num_fewshot)
     run_dir = Path(run_dir)
     run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir
@@ -240,11 +240,12 @@ def main(argv=None):
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the one of the run's data)")
     a = p.parse_args(argv)
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     try:
         res = evaluate(a.run_dir, a.tasks.split(","), a.step, limit, a.batch_size, a.include_path, a.wandb,
-                       a.num_fewshot)
+                       a.num_fewshot, a.tokenizer)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
