@@ -1,9 +1,14 @@
 """Tests run on CPU with 8 virtual devices, so every sharding path is exercised."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# one compilation cache for the session, shared with the `python main.py` subprocesses: many tests compile the
+# same tiny programs (the same train step in a new Trainer), and XLA:CPU compiles are most of the suite's time
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="picojax-test-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["WANDB_MODE"] = "disabled"
 ROOT = Path(__file__).resolve().parents[1]
