@@ -22,6 +22,8 @@ import orbax.checkpoint as ocp
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+from config import brief
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and the fix."""
@@ -91,8 +93,8 @@ class Checkpoints:
         except CheckpointError:
             raise
         except Exception as e:  # orbax / tensorstore errors on truncated or corrupt files
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} could not be read ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:300]}); it is truncated or corrupt: delete that folder to "
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} could not be read ({brief(e, 300)}); it is "
+                                  f"truncated or corrupt: delete that folder to "
                                   f"resume from an earlier step ({self.all_steps()} present)") from None
 
     def wait(self):
@@ -152,7 +154,7 @@ def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float =
         tmp.rmdir()
         return True
     except Exception as e:
-        print(f"warning: {what} were not written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); its Orbax "
+        print(f"warning: {what} were not written ({brief(e)}); its Orbax "
               f"checkpoint is complete")
         return False
 
@@ -162,10 +164,6 @@ def into_step_dir(step_dir: Path, sub: str, write, what: str, timeout_s: float =
 HF_MODEL = ("config.json", "model.safetensors", "generation_config.json")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 ORBAX = "checkpoint"  # the Orbax items' folder in the repository
-
-
-def _error(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
 
 class HubUploader(Background):
@@ -205,7 +203,7 @@ class HubUploader(Background):
                     print(f"warning: Hub upload of step {s} to {self.repo_id}@{self.branch} failed and its folder "
                           f"is gone (checkpoint.keep pruned it); it will not be retried")
                     continue
-                print(f"warning: Hub upload of step {s} to {self.repo_id}@{self.branch} failed ({_error(e)}); "
+                print(f"warning: Hub upload of step {s} to {self.repo_id}@{self.branch} failed ({brief(e)}); "
                       f"training goes on, retried with the next checkpoint")
                 break  # the later steps wait, so that the branch never ends at an older one
 

@@ -39,6 +39,11 @@ class DataError(ValueError):
     """Bad data input; the message names the file (or shard) and the fix."""
 
 
+def brief(e: BaseException, limit: int = 200) -> str:
+    """An exception in one line for an error message or a warning: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:limit]}"
+
+
 def register_resolvers():
     """Make base.yaml's resolvers known to OmegaConf (idempotent); called before anything reads a config."""
     for name, fn in RESOLVERS.items():

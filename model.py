@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from config import BLOCK_LINEARS, ConfigError, reject_unknown
+from config import BLOCK_LINEARS, ConfigError, brief, reject_unknown
 
 # One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
 # (names carry the dims); everything is replicated over `data`. The batch is split over both axes.
@@ -327,7 +327,7 @@ def causal_attention(q, k, v, cfg: ModelConfig):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         except Exception as e:  # jax raises several types for a refused shape; the reason is kept
             warnings.warn(f"model.attention=auto: cuDNN refused q {q.shape} {q.dtype} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); attention runs "
+                          f"({brief(e)}); attention runs "
                           "on XLA (model.blockwise_attention)", stacklevel=2)
     elif impl == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from huggingface_hub import HfApi, hf_hub_download
 
-from config import DataError
+from config import DataError, brief
 
 NUMBERED = re.compile(r"-(\d+)-of-(\d+)\.parquet$")  # train-00003-of-10000.parquet
 
@@ -57,10 +57,9 @@ class HubFiles:
         try:
             files = HfApi(endpoint=endpoint).list_repo_files(repo, repo_type="dataset", revision=revision)
         except Exception as e:
-            raise DataError(f"the Hub dataset {repo} could not be listed ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]}); offline, pre-fetch the shards the run "
-                            f"needs where the network is there (`hf download {repo} --repo-type dataset --include "
-                            f"'data/train-0000*' --local-dir DIR`) and set data.dir=DIR") from None
+            raise DataError(f"the Hub dataset {repo} could not be listed ({brief(e)}); offline, pre-fetch the shards "
+                            f"the run needs where the network is there (`hf download {repo} --repo-type dataset "
+                            f"--include 'data/train-0000*' --local-dir DIR`) and set data.dir=DIR") from None
         self.names = sorted(fnmatch.filter(files, "*.parquet"))
         self.pool, self.pending, self.used = ThreadPoolExecutor(max_workers=2), {}, OrderedDict()
         self.lock = threading.Lock()
@@ -74,7 +73,7 @@ class HubFiles:
                 err = e
                 time.sleep(0.5 * 2 ** attempt)
         raise DataError(f"shard {name} of the Hub dataset {self.repo} could not be fetched after {self.retries} "
-                        f"tries ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); pre-fetch it "
+                        f"tries ({brief(err)}); pre-fetch it "
                         f"where the network is there: `hf download {self.repo} {name} --repo-type dataset "
                         f"--local-dir {self.dir}`")
 
@@ -122,11 +121,10 @@ class Shards:
                  hub: HubFiles | None = None, ahead: int = 2):
         if not names:
             raise DataError(f"{where} holds no .parquet shards")
-        self.names, self.column, self.row_len, self.V, self.where, self.hub, self.ahead = \
+        self.names, self.column, self.row_len, self.V, self.path, self.hub, self.ahead = \
             names, column, row_len, vocab_size, where, hub, ahead
-        self.path = where
         check_sequence([Path(n).name for n in names], where)
-        self.meta, self.groups, self.lock = {}, OrderedDict(), threading.Lock()
+        self.meta, self.group_starts, self.groups, self.lock = {}, {}, OrderedDict(), threading.Lock()
         first = self._meta(0)
         if hub is None:
             counts = [first.num_rows] + [self._meta(i).num_rows for i in range(1, len(names))]
@@ -156,7 +154,8 @@ class Shards:
             except Exception as e:
                 raise DataError(f"shard {self.names[i]} is not a readable parquet file ({type(e).__name__}: "
                                 f"{str(e)[:200]}); it is truncated or corrupt: "
-                                + ("delete it from the cache to fetch it again" if self.hub else "re-create it"))
+                                + ("delete it from the cache to fetch it again" if self.hub else "re-create it")) \
+                    from None
             names = meta.schema.to_arrow_schema().names
             if self.column not in names:
                 raise DataError(f"shard {self.names[i]} has no column {self.column!r} (its columns: {names}); set "
@@ -168,7 +167,7 @@ class Shards:
                                 f"(data.dir), where each shard's own row count is used")
             groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
             self.meta[i] = meta
-            self.meta[(i, "starts")] = np.concatenate([[0], np.cumsum(groups)])
+            self.group_starts[i] = np.concatenate([[0], np.cumsum(groups)])
         return self.meta[i]
 
     def _group(self, i: int, g: int) -> np.ndarray:
@@ -207,7 +206,7 @@ class Shards:
                 self._meta(int(i))
                 sel = np.nonzero(shard == i)[0]
                 local = rows[sel] - self.starts[i]
-                gstarts = self.meta[(int(i), "starts")]
+                gstarts = self.group_starts[int(i)]
                 group = np.searchsorted(gstarts, local, side="right") - 1
                 for g in np.unique(group):
                     take = np.nonzero(group == g)[0]
