@@ -198,22 +198,28 @@ def open_source(spec, split: str | None, d, vocab_size: int, seq_len: int):
     if spec.startswith("hf://datasets/"):
         repo, _, rev = spec.removeprefix("hf://datasets/").partition("@")
         hub = shards.HubFiles(repo, d.cache_dir, d.cache_max_gb, rev or None, d.hf_endpoint)
-        names = shards.split_names(hub.names, split)
-        if not names and split == "valid":
-            raise DataError(f"{spec} has no validation shards (names starting with val / valid / validation); set "
-                            f"data.valid to a validation source, e.g. "
-                            f"data.valid=hf://datasets/pico-lm/pretokenized-paloma-tinsy (pico's)")
+        names = _split_shards(hub.names, split, spec)
         return shards.Shards(names, d.column, seq_len + 1, vocab_size, f"{spec} ({split or 'all'} shards)", hub,
                              d.prefetch_shards)
     path = Path(spec).expanduser()
     if path.suffix == ".parquet":
         return shards.Shards([str(path)], d.column, seq_len + 1, vocab_size, str(path))
     if path.is_dir() and not (path / bin_name).exists() and any(path.rglob("*.parquet")):
-        return shards.Shards(shards.local_shards(path, split), d.column, seq_len + 1, vocab_size,
-                             f"{path} ({split or 'all'} shards: names starting with {split or 'val'})")
+        return shards.Shards(_split_shards(shards.local_shards(path), split, path), d.column, seq_len + 1,
+                             vocab_size, f"{path} ({split or 'all'} shards: names starting with {split or 'val'})")
     if path.is_dir() or not path.suffix:
         path = path / bin_name
     return BinRows(open_tokens(path, d.token_dtype, vocab_size, seq_len), seq_len, vocab_size, path)
+
+
+def _split_shards(names, split, where) -> list[str]:
+    """A source's shards of `split` (shards.split_names); a validation split it lacks is an error naming the fix."""
+    own = shards.split_names(names, split)
+    if not own and split == "valid":
+        raise DataError(f"{where} has no validation shards (names starting with val / valid / validation); set "
+                        f"data.valid to a validation source, e.g. "
+                        f"data.valid=hf://datasets/pico-lm/pretokenized-paloma-tinsy (pico's)")
+    return own
 
 
 def check_sets(sets) -> dict:

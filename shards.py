@@ -227,7 +227,7 @@ def split_names(names, split: str | None) -> list[str]:
     return own or (sorted(names) if split is None else [])
 
 
-def local_shards(folder: Path, split: str | None) -> list[str]:
-    """A folder's parquet shards (at any depth) of a split, `split_names`."""
-    return split_names([str(p) for p in Path(folder).rglob("*.parquet")
-                        if not any(x.startswith(".") for x in p.relative_to(folder).parts)], split)
+def local_shards(folder: Path) -> list[str]:
+    """A folder's parquet shards, at any depth (hidden folders skipped); `split_names` picks a split's."""
+    return sorted(str(p) for p in Path(folder).rglob("*.parquet")
+                  if not any(x.startswith(".") for x in p.relative_to(folder).parts))
