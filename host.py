@@ -2,7 +2,7 @@
 and what its devices can do (peak FLOP/s, the throughput and MFU formula).
 
 A module of its own because none of it is training: main.py, benchmarks/throughput.py and the trainer's log all
-call it, and it imports nothing of the project.
+call it; of the project it imports only chips.py, the table of the chips' peaks.
 """
 import os
 import platform
@@ -12,16 +12,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from chips import chip_of
+
 # glibc malloc settings for speed on CPU: one arena, never mmap, never give freed memory back (reuse_host_memory)
 HOST_MALLOC = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
-# Dense peak TFLOP/s per JAX device (a TPU v2/v3 device is one core, half a chip), bf16 then fp32.
-PEAK_TFLOPS = {
-    "TPU v2": (22.5, 22.5), "TPU v3": (61.5, 61.5), "TPU v4": (275, 275), "TPU v5 lite": (197, 197),
-    "TPU v5e": (197, 197), "TPU v5p": (459, 459), "TPU v5": (459, 459), "TPU v6 lite": (918, 918),
-    "TPU v6e": (918, 918), "A100": (312, 19.5), "H100": (989, 67), "H200": (989, 67), "L4": (121, 30.3),
-    "T4": (65, 8.1),
-}
 
 
 def reuse_host_memory():
@@ -62,10 +57,10 @@ def peak_flops(dtype: str) -> tuple[float, str]:
     does not understate the peak and inflate MFU; its size against larger matmuls: benchmarks/RESULTS.md)."""
     dev = jax.devices()[0]
     kind = dev.device_kind
-    for name, (bf16, fp32) in PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            per = bf16 if jnp.dtype(dtype).itemsize <= 2 else fp32
-            return per * 1e12 * jax.device_count(), f"{kind} datasheet"
+    chip = chip_of(kind)
+    if chip is not None:  # chips.CHIPS: the data sheets' dense peaks
+        per = chip.bf16 if jnp.dtype(dtype).itemsize <= 2 else chip.fp32
+        return per * jax.device_count(), f"{kind} datasheet"
     if dev.platform != "cpu":
         return float("nan"), f"{kind}: unknown peak"
     n, best = 1024, 0.0
