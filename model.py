@@ -17,7 +17,6 @@ Dimensions, used in every shape comment and einsum string:
 """
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,10 +26,12 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from config import BLOCK_LINEARS, ConfigError, brief, reject_unknown
+from attention import BATCH_AXES, blockwise_attention, causal_attention, flash_attention  # noqa: F401 (re-exported)
+from config import BLOCK_LINEARS, ConfigError, reject_unknown
 
 # One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
-# (names carry the dims); everything is replicated over `data`. The batch is split over both axes.
+# (names carry the dims); everything is replicated over `data`. The batch is split over both axes
+# (BATCH_AXES, which attention.py's kernels read too).
 SHARDING = {
     "embed_VD": (None, "fsdp"),
     "q_DX": ("fsdp", None),      # X = H*E
@@ -65,7 +66,6 @@ SHARDING = {
     "kgram_bias_C": (None,),
     "kgram_head_CV": (None, None),
 }
-BATCH_AXES = ("data", "fsdp")
 
 NO_REMAT = object()
 # model.remat: what a block keeps for the backward pass. block: nothing (all recomputed, least
@@ -88,7 +88,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = "bfloat16"  # compute dtype; params stay float32
-    attention: str = "auto"  # auto (cuDNN on GPUs, else xla) | xla (blockwise_attention) | cudnn
+    attention: str = "auto"  # auto (cuDNN on GPUs, splash on TPUs, else xla) | xla (flash, plain JAX) | cudnn | splash
     remat: str = "none"  # activation rematerialisation per block: none | block | dots
     scan_layers: bool = False  # lax.scan over the blocks (compile time independent of depth)
     loss_chunk: int = 0  # tokens per chunk of the loss fused with the head (loss.py); 0 = off
@@ -100,12 +100,15 @@ class ModelConfig:
     tie_embeddings: bool = False    # logits = x @ embed^T, no head
     qk_norm: bool = False           # RMSNorm of queries and keys per head, before RoPE
     z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the loss (PaLM); 0 = off
+    # where the model runs (tpu | gpu | cpu), not a config key: "" = this process's devices; a compile-only
+    # target's platform when aot.py compiles for one
+    platform: str = ""
 
     # `kind` picks the family (families.py), `lstm` / `kgram` configure the others, `relora` is
     # read by relora.py, `init_from` by train.py: none of them is a decoder field
     NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora", "init_from")
     # fields that change how the model runs, not its parameters: a checkpoint loads under others
-    RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk")
+    RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk", "platform")
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
@@ -143,13 +146,21 @@ class ModelConfig:
         matmul_params = self.n_layers * (attn + mlp) + self.d_model * self.vocab_size
         return 6 * matmul_params + 6 * self.n_layers * self.seq_len * self.d_model
 
+    def runs_on(self) -> str:
+        """The platform the model is compiled for: `platform`, or this process's devices'."""
+        return self.platform or platform()
+
     def attention_impl(self) -> tuple[str, str]:
-        """Which attention runs here, cudnn or xla, and why: model.attention, or with auto the platform, dtype and
-        head dim against cuDNN flash attention's limits."""
+        """Which attention runs, cudnn, splash or xla, and why: model.attention, or with auto the platform (a TPU:
+        splash attention, Pallas) and on a GPU the dtype and head dim against cuDNN flash attention's limits."""
         if self.attention != "auto":
             return self.attention, f"model.attention={self.attention}"
-        gpu, dtype, e = platform(), self.dtype, self.head_dim
-        why = (f"cuDNN flash attention needs an NVIDIA GPU, this is {gpu}" if gpu != "gpu" else
+        on, dtype, e = self.runs_on(), self.dtype, self.head_dim
+        if on == "tpu":
+            if self.seq_len % 128:
+                return "xla", f"auto: splash attention needs model.seq_len divisible by 128, not {self.seq_len}"
+            return "splash", "auto: a TPU (jax's Pallas splash attention)"
+        why = (f"cuDNN flash attention needs an NVIDIA GPU, this is {on}" if on != "gpu" else
                f"cuDNN flash attention needs bf16 / fp16, model.dtype={dtype}" if dtype not in ("bfloat16", "float16")
                else f"cuDNN needs a head dim <= 256 and a multiple of 8, not {e}" if e % 8 or e > 256 else None)
         return ("xla", f"auto: {why}") if why else ("cudnn", "auto: a GPU, bf16 / fp16 and a head dim cuDNN takes")
@@ -172,10 +183,13 @@ class ModelConfig:
                 raise ConfigError(f"model.{key}={getattr(self, key)!r}; use one of {list(allowed)}")
         if self.z_loss < 0:
             raise ConfigError(f"model.z_loss={self.z_loss}; use a weight >= 0 (0 = off, PaLM uses 1e-4)")
-        if self.attention == "cudnn" and (platform() != "gpu" or self.dtype not in ("bfloat16", "float16")):
+        if self.attention == "cudnn" and (self.runs_on() != "gpu" or self.dtype not in ("bfloat16", "float16")):
             raise ConfigError(f"model.attention=cudnn needs an NVIDIA GPU and model.dtype bfloat16 or float16 (cuDNN "
-                              f"flash attention); here: {platform()}, {self.dtype}. Use model.attention=auto (cuDNN "
-                              f"where it can, else XLA) or xla")
+                              f"flash attention); here: {self.runs_on()}, {self.dtype}. Use model.attention=auto "
+                              f"(cuDNN where it can, else XLA) or xla")
+        if self.attention == "splash" and self.runs_on() != "tpu":
+            raise ConfigError(f"model.attention=splash is a TPU kernel (Pallas); here: {self.runs_on()}. Use "
+                              f"model.attention=auto (splash on TPUs, cuDNN on GPUs, else XLA) or xla")
         if not isinstance(self.remat, str) or self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat={self.remat!r}; use one of {list(REMAT_POLICIES)} (an old true / false "
                               "is block / none)")
@@ -184,7 +198,7 @@ class ModelConfig:
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
 
-KNOBS = {"attention": ("auto", "xla", "cudnn"), "pos_encoding": ("rope", "absolute", "none"),
+KNOBS = {"attention": ("auto", "xla", "cudnn", "splash"), "pos_encoding": ("rope", "absolute", "none"),
          "norm_placement": ("pre", "post"), "norm_type": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
          "tie_embeddings": (False, True), "qk_norm": (False, True)}
 
@@ -313,47 +327,6 @@ class Attention(nnx.Module):
                                                mask=mask[:, None], implementation="xla")
             cache = (k_cache, v_cache)
         return self.o(out.reshape(B, T, -1)), cache
-
-
-def causal_attention(q, k, v, cfg: ModelConfig):
-    """Causal self-attention; q [B, T, H, E], k, v [B, T, K, E]; GQA: query head h reads kv head
-    h // (H / K). cuDNN flash attention (jax.nn.dot_product_attention; in jax 0.10 its default,
-    implementation=None, always takes XLA) where ModelConfig.attention_impl says so, else
-    blockwise_attention. With model.attention=auto, shapes cuDNN still refuses at trace time (a
-    sequence length, a cuDNN version) fall back to blockwise_attention with a warning that says so."""
-    impl, _ = cfg.attention_impl()
-    if impl == "cudnn" and cfg.attention == "auto":
-        try:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-        except Exception as e:  # jax raises several types for a refused shape; the reason is kept
-            warnings.warn(f"model.attention=auto: cuDNN refused q {q.shape} {q.dtype} "
-                          f"({brief(e)}); attention runs "
-                          "on XLA (model.blockwise_attention)", stacklevel=2)
-    elif impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return blockwise_attention(q, k, v)
-
-
-def blockwise_attention(q, k, v, min_block=128, max_blocks=8):
-    """Causal attention in plain XLA ops, one block of queries at a time: the block ending at query
-    t reads keys 0..t only, so the masked upper triangle of the T x T scores (half the attention
-    FLOPs) is mostly never computed. Softmax in float32. Blocks of >= min_block queries, at most
-    max_blocks of them, since each is unrolled into the graph (timings: benchmarks/RESULTS.md)."""
-    B, T, H, E = q.shape
-    K = k.shape[2]
-    n = max(1, min(max_blocks, T // min_block))
-    size = -(-T // n)
-    q = q.reshape(B, T, K, H // K, E).transpose(0, 2, 3, 1, 4)  # [B, K, H/K, T, E]: a kv head's
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, E]
-    out = []
-    for lo in range(0, T, size):
-        hi = min(T, lo + size)
-        s = jnp.einsum("bkhte,bkse->bkhts", q[:, :, :, lo:hi], k[:, :, :hi],
-                       preferred_element_type=jnp.float32)
-        causal = jnp.arange(hi) <= jnp.arange(lo, hi)[:, None]  # [t, s]: query lo + t sees <= itself
-        p = jax.nn.softmax(jnp.where(causal, s / math.sqrt(E), -jnp.inf), axis=-1)
-        out.append(jnp.einsum("bkhts,bkse->bkhte", p.astype(v.dtype), v[:, :, :hi]))
-    return jnp.concatenate(out, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, H, E)
 
 
 class SwiGLU(nnx.Module):
