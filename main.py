@@ -1,7 +1,8 @@
-"""Hydra entry: config -> distributed init -> train.run.
+"""Hydra entry: config -> distributed init -> train.run (or, with aot.target, aot.run: compile for chips, no training).
 
     python main.py                            # configs/local.yaml: CPU, built-in corpus, a few minutes
     python main.py -cn tpu opt.peak_lr=0.004  # another config, with overrides
+    python main.py -cn tpu aot.target=tpu:v5e-8   # will it fit a v5e-8? compiled here, nothing runs
     python main.py -m model.kind=decoder,lstm,kgram_mlp   # a sweep: one run per job, then `python report.py DIR`
 """
 import logging
@@ -11,10 +12,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
+import aot
 import config
 import host
 import train
 from checkpoint import CheckpointError
+from chips import TargetError
 from data import DataError
 
 
@@ -26,9 +29,13 @@ def main(cfg):
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
         cfg.run_dir = hc.runtime.output_dir  # each job its own run (multirun/<date>/<time>/<job>), not runs/<name>
     try:
+        if cfg.aot.target:
+            aot.compile_only_host()
+            aot.run(cfg)
+            return
         host.init_distributed(cfg.distributed)
         train.run(cfg)
-    except (config.ConfigError, DataError, CheckpointError) as e:  # bad input: the message says what to fix
+    except (config.ConfigError, DataError, CheckpointError, TargetError) as e:  # bad input: the message says the fix
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except train.TrainingError as e:  # e.g. a NaN loss; the last good checkpoint is named

@@ -8,7 +8,7 @@ and every `reset_frequency` steps `merge_and_reset` folds the branch into W (W +
 sets B = 0 and s = 1, and prunes the LoRA parameters' Adam moments. After k resets W has moved by a sum of k
 rank-R updates: up to k R, not R. The jagged schedule drops the LR to 0 after each reset and re-warms it.
 
-W is a `Frozen` variable, not an nnx.Param: train.train_step takes gradients and nnx.Optimizer keeps moments for
+W is a `Frozen` variable, not an nnx.Param: steps.train_step takes gradients and nnx.Optimizer keeps moments for
 nnx.Param only, so W costs one copy of memory instead of three. Everything ReLoRA needs lives in the nnx state (W,
 A, B, s, the moments, Adam's count) or is a pure function of (seed, step), so a checkpoint of the state captures it.
 The trainer reaches all of it through a `Plan` (`plan(...)`), which is a no-op for full-rank training.
@@ -270,7 +270,7 @@ def in_training(model, dropout_key):
 
 
 def training_step(step_fn, cfg: ReLoRAConfig):
-    """step_fn(graphdef, state, tokens, dropout_key=..., **kw) (train.train_step) given the LoRA dropout's key of
+    """step_fn(graphdef, state, tokens, dropout_key=..., **kw) (steps.train_step) given the LoRA dropout's key of
     this step, drawn from (seed, Adam's step count) (the micro-batches of one step share it), with the trainable
     scales' mean and std added to the metrics."""
     def step(graphdef, state, tokens, **kw):

@@ -1,7 +1,7 @@
-"""The jitted train and eval steps, and the training loop with its logging, evaluation and checkpoints.
+"""The training loop with its logging, evaluation and checkpoints.
 
-One jitted step takes the state (donated; train_state.py builds it) and a global batch and returns the new state and
-device-side metrics; the host reads metrics only every `train.log_every` steps.
+Each jitted step (steps.py) takes the state (donated; train_state.py builds it) and a global batch and returns the
+new state and device-side metrics; the host reads metrics only every `train.log_every` steps.
 """
 import json
 import math
@@ -14,13 +14,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import aot
+import chips
 import config
 import data
 import dynamics
@@ -34,70 +35,10 @@ from checkpoint import Background, Checkpoints, HubUploader, into_step_dir
 from config import ConfigError
 from families import model_config
 from host import peak_flops, throughput
-from loss import loss_fn, token_losses
 from model import BATCH_AXES, LanguageModel, count_params, distinct, generate_ids
+from steps import check_batch, jit_eval_step, jit_train_step
 
 GREEDY_PROMPT = 8  # tokens of each validation prompt for the greedy distinct-n
-
-
-def check_batch(mesh, batch_size: int, grad_accum: int, eval_batch: int):
-    """The batch against the mesh, before anything compiles (train_state.build checks the model against it)."""
-    dp = mesh.size
-    if batch_size % grad_accum or (batch_size // grad_accum) % dp:
-        raise ConfigError(f"data.batch_size={batch_size} / data.grad_accum={grad_accum} is not divisible by the "
-                          f"data-parallel size {dp} (mesh.data x mesh.fsdp); make each micro-batch a multiple of {dp}")
-    if eval_batch % dp:
-        raise ConfigError(f"eval.batch_size={eval_batch} is not divisible by the data-parallel size {dp}")
-
-
-# ---------------------------------------------------------------------------------------------- steps
-
-def train_step(graphdef, state, tokens, dropout_key=None, grad_accum: int = 1, skip_nonfinite: bool = False):
-    """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches. dropout_key:
-    the step's LoRA dropout key (relora.training_step passes it), None for no dropout. With skip_nonfinite, a step
-    whose loss or gradient is NaN / inf leaves the state as it was."""
-    old = jax.tree.map(lambda x: x, state)  # own containers: the update below mutates the merged Variables
-    model, opt = nnx.merge(graphdef, state)
-    net = model if dropout_key is None else relora.in_training(model, dropout_key)
-    model_def, params, rest = nnx.split(net, nnx.Param, ...)  # gradients for nnx.Param only
-    grad = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
-    if grad_accum == 1:
-        loss, grads = grad(params, tokens)
-    else:
-        B = tokens.shape[0]
-        # micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps an equal share of each one
-        micro = tokens.reshape(B // grad_accum, grad_accum, -1).swapaxes(0, 1)
-        micro = jax.lax.with_sharding_constraint(micro, P(None, BATCH_AXES, None))
-
-        def acc(carry, mb):
-            return jax.tree.map(jnp.add, carry, grad(params, mb)), None
-
-        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(acc, zeros, micro)
-        loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
-    opt.update(model, grads)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new = nnx.state((model, opt))
-    if skip_nonfinite:
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return new, dict(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
-
-
-def eval_step(graphdef, state, tokens):
-    """Summed loss and token count of one validation batch."""
-    model, _ = nnx.merge(graphdef, state)
-    losses = token_losses(model(tokens[:, :-1]), tokens[:, 1:])
-    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
-
-
-def jit_train_step(graphdef, state, mesh, plan: relora.Plan, grad_accum: int = 1, skip_nonfinite: bool = False):
-    """The compiled train step for `graphdef` (ReLoRA's when the plan has one), donating the state and keeping the
-    shardings it was created with (XLA would otherwise pick its own for some outputs, e.g. shard the norm scales,
-    and every step after the first would recompile)."""
-    shardings = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, P()))
-    return jax.jit(partial(plan.step(train_step), graphdef, grad_accum=grad_accum, skip_nonfinite=skip_nonfinite),
-                   donate_argnums=0, out_shardings=shardings)
 
 
 def training_config(cfg, mcfg) -> dict:
@@ -199,6 +140,7 @@ class Trainer:
         self.meter, self.wandb, self.history, self.last_eval = Meter(), None, [], None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
+        self.accelerator, self.memory_note = chips.here(), None
         self.jit_steps()
 
     def start_weights(self):
@@ -238,11 +180,16 @@ class Trainer:
         return loop["step"]
 
     def jit_steps(self):
-        """Compile the train, eval and dynamics steps for self.graphdef (again when ReLoRA wraps the model)."""
+        """Compile the train, eval and dynamics steps for self.graphdef (again when ReLoRA wraps the model). On an
+        accelerator, the train and eval steps are compiled at once and their memory checked against the chip's
+        (aot.preflight: a clear error, not an out-of-memory mid-run)."""
         c = self.cfg
+        if self.accelerator is not None:
+            self.memory_note = aot.preflight(c, self.accelerator, self.mesh, self.mcfg, self.relora, self.graphdef,
+                                             self.state)
         self.train_step = jit_train_step(self.graphdef, self.state, self.mesh, self.relora, c.data.grad_accum,
                                          c.train.nan_policy == "skip")
-        self.eval_step = jax.jit(partial(eval_step, self.graphdef))
+        self.eval_step = jit_eval_step(self.graphdef)
         self.dynamics_step = jax.jit(partial(dynamics.dynamics_step, self.graphdef, layers=self.dynamics_layers))
 
     @cached_property
@@ -388,7 +335,7 @@ class Trainer:
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
-        notes = [self.init_note, *self.mcfg.notes(), self.dynamics_note, self.hf_note,
+        notes = [self.init_note, *self.mcfg.notes(), self.memory_note, self.dynamics_note, self.hf_note,
                  *self.relora.notes(self.graphdef, self.state)]
         for note in notes:
             if note:

@@ -21,9 +21,10 @@ from config import ConfigError
 from families import build_model, model_config
 
 
-def make_mesh(data_size: int, fsdp_size: int) -> jax.sharding.Mesh:
-    """A (data, fsdp) mesh over every device; -1 on one axis takes all the devices the other leaves."""
-    n = jax.device_count()
+def make_mesh(data_size: int, fsdp_size: int, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over every device (or `devices`, e.g. a compile target's); -1 on one axis takes all the
+    devices the other leaves."""
+    n = jax.device_count() if devices is None else len(devices)
     if fsdp_size == -1 and data_size > 0 and n % data_size == 0:
         fsdp_size = n // data_size
     elif data_size == -1 and fsdp_size > 0 and n % fsdp_size == 0:
@@ -31,7 +32,7 @@ def make_mesh(data_size: int, fsdp_size: int) -> jax.sharding.Mesh:
     if data_size * fsdp_size != n or data_size < 1:
         raise ConfigError(f"mesh.data={data_size} x mesh.fsdp={fsdp_size} does not match the {n} devices here; "
                           f"make the product {n} (or set one of them to -1)")
-    return jax.make_mesh((data_size, fsdp_size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    return jax.make_mesh((data_size, fsdp_size), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
 def lr_schedule(o, steps: int):
@@ -57,10 +58,13 @@ def make_tx(o, schedule):
         optax.adamw(schedule, o.b1, o.b2, o.eps, weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None, weights=None):
+def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None, weights=None,
+               abstract: bool = False):
     """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. `weights` (an
     nnx.State of the model's parameters, e.g. export.init_weights) replace the random ones. With `lora`, the
-    model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only."""
+    model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only.
+    `abstract`: the state as jax.ShapeDtypeStructs carrying their shardings, nothing allocated (aot.py compiles
+    for a target's devices with them)."""
     def build(weights):
         model = build_model(mcfg, nnx.Rngs(seed))
         if weights is not None:
@@ -72,21 +76,26 @@ def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = Non
     with jax.set_mesh(mesh):
         graphdef, abstract_state = nnx.split(nnx.eval_shape(build, weights))
         shardings = jax.tree.map(lambda p: NamedSharding(mesh, p), nnx.get_partition_spec(abstract_state))
+        if abstract:
+            return graphdef, jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                          abstract_state, shardings)
         state = jax.jit(lambda w: nnx.split(build(w))[1], out_shardings=shardings)(weights)
     return graphdef, state
 
 
-def build(cfg, mesh, weights=None):
+def build(cfg, mesh, weights=None, platform: str = "", abstract: bool = False):
     """Everything a run config's state is made of, at step 0: (model config, ReLoRA plan, LR schedule, graphdef,
     state), from `weights` where given (init_state). Bad model or ReLoRA keys fail here, before anything
-    compiles."""
-    mcfg = model_config(cfg.model)
+    compiles. `platform` and `abstract`: a compile target's (aot.py): the model as it runs there, and its state
+    as shapes with shardings."""
+    mcfg = model_config(cfg.model, platform)
     if mcfg.linears() and mcfg.d_model % mesh.shape["fsdp"]:  # the decoder; the other families are replicated
         raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh.shape['fsdp']}: FSDP "
                           f"shards every weight along d_model; pick a mesh.fsdp that divides it")
     plan = relora.plan(cfg.model.get("relora"), cfg.seed, mcfg)
     schedule = plan.schedule(lr_schedule(cfg.opt, cfg.train.steps))
-    graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0), weights)
+    graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0), weights,
+                                 abstract)
     return mcfg, plan, schedule, graphdef, state
 
 

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import relora  # noqa: E402
-import train  # noqa: E402
+import steps  # noqa: E402
 import train_state  # noqa: E402
 from config import CONFIGS  # noqa: E402
 from model import ModelConfig  # noqa: E402
@@ -38,7 +38,7 @@ def measure(a) -> dict:
                          devices=jax.devices()[:1])
     graphdef, state = train_state.init_state(mcfg, train_state.make_tx(opt, 1e-3), mesh, 0, lora)
     sizes = relora.sizes(graphdef, state)
-    step = jax.jit(partial(relora.Plan(lora).step(train.train_step), graphdef), donate_argnums=0)
+    step = jax.jit(partial(relora.Plan(lora).step(steps.train_step), graphdef), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(0), (a.batch, a.seq + 1), 0, a.vocab)
     with jax.set_mesh(mesh):
         mem = step.lower(state, tokens).compile().memory_analysis()

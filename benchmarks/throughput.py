@@ -9,7 +9,7 @@
     python benchmarks/throughput.py --sweep-devices 1,2,4,8 data.batch_size=16   # virtual CPU devices, FSDP
 
 Arguments are main.py's: `-cn NAME` picks a config in configs/ (default local) and `key=value` overrides follow
-Hydra's syntax; the flags below come on top. The step is the trainer's own (`train.jit_train_step`, with its
+Hydra's syntax; the flags below come on top. The step is the trainer's own (`steps.jit_train_step`, with its
 donation and pinned output shardings; `--relora` wraps the model, so the step is relora.training_step). It is
 compiled ahead of time (the compile time printed), run `--warmup` times, then `--steps` times, each step
 synchronised (block_until_ready on the whole new state); the step time is the median of those.
@@ -18,7 +18,7 @@ Reported: model FLOPs per token = the config's `flops_per_token()`, i.e. 6 x mat
 head counts, the embedding lookup does not) + 6 L T D for attention scores and values (12 L T D halved by the
 causal mask); tokens/s = batch x seq_len / step time; achieved FLOP/s = the two multiplied; MFU = achieved / peak,
 all through `host.throughput`, the function the training log uses. The peak is the datasheet's dense peak for
-the compute dtype (table `host.PEAK_TFLOPS`: TPU v2-v6e, A100, H100, H200, L4, T4) times the device count, or on
+the compute dtype (table `chips.CHIPS`: TPU v2-v6e, A100, H100, H200, L4, T4) times the device count, or on
 CPU the best FLOP/s of large jnp matmuls measured in this process, before and after the timed steps (the higher
 one is used: a low peak would inflate MFU). `--relora` counts the same model FLOPs (a frozen weight gets no weight
 gradient, so its true cost is lower: the MFU of a ReLoRA step is a model-equivalent figure).
@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 import data  # noqa: E402
 import host  # noqa: E402
-import train  # noqa: E402
+import steps  # noqa: E402
 import train_state  # noqa: E402
 from model import BATCH_AXES, count_params  # noqa: E402
 
@@ -117,10 +117,10 @@ def measure(a) -> dict:
     cfg = compose(a)
     config.check_keys(cfg)
     mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-    train.check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, mesh.size)
+    steps.check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, mesh.size)
     mcfg, plan, _, graphdef, state = train_state.build(cfg, mesh)
     B, T = cfg.data.batch_size, mcfg.seq_len
-    train_step = train.jit_train_step(graphdef, state, mesh, plan, cfg.data.grad_accum,
+    train_step = steps.jit_train_step(graphdef, state, mesh, plan, cfg.data.grad_accum,
                                       cfg.train.nan_policy == "skip")
     sharding = NamedSharding(mesh, P(BATCH_AXES, None))
     n_steps = a.warmup + a.steps + 1  # +1: the batch the compiled step is lowered with

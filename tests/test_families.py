@@ -13,6 +13,7 @@ from flax import nnx
 
 import checkpoint
 import export
+import steps
 import train
 from conftest import ROOT, TINY, make_cfg
 from model import ConfigError, count_params, generate
@@ -49,7 +50,7 @@ def test_train_step_on_8_devices(name):
     mesh = train_state.make_mesh(2, 4)
     tx = train_state.make_tx(make_cfg().opt, lambda step: 1e-2)
     graphdef, state = train_state.init_state(mcfg, tx, mesh, seed=0)
-    step = jax.jit(partial(train.train_step, graphdef), donate_argnums=0)
+    step = jax.jit(partial(steps.train_step, graphdef), donate_argnums=0)
     tokens = jax.random.randint(jax.random.key(2), (16, T + 1), 0, V)
     with jax.set_mesh(mesh):
         tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"))))

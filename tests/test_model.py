@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import train
+import steps
 from conftest import make_cfg
 from model import Decoder, ModelConfig, blockwise_attention, count_params, generate
 import config
@@ -84,7 +84,7 @@ def test_kv_cache_matches_full_recomputation():
 def _steps(mesh, n_steps=2, grad_accum=1):
     tx = train_state.make_tx(make_cfg().opt, lambda step: 1e-2)
     graphdef, state = train_state.init_state(SMALL, tx, mesh, seed=0)
-    step = jax.jit(partial(train.train_step, graphdef, grad_accum=grad_accum))
+    step = jax.jit(partial(steps.train_step, graphdef, grad_accum=grad_accum))
     tokens = jax.random.randint(jax.random.key(2), (16, SMALL.seq_len + 1), 0, SMALL.vocab_size)
     losses = []
     with jax.set_mesh(mesh):

@@ -12,6 +12,7 @@ from flax import nnx
 from omegaconf import OmegaConf
 
 import relora
+import steps
 import train
 from conftest import make_cfg
 from model import ConfigError, Decoder, Linear, ModelConfig, count_params
@@ -43,7 +44,7 @@ def adamw():
 
 @functools.cache
 def jitted_step(rc):  # one compilation per config and sharding, shared by the tests
-    return jax.jit(relora.training_step(train.train_step, rc), static_argnums=0, donate_argnums=1)
+    return jax.jit(relora.training_step(steps.train_step, rc), static_argnums=0, donate_argnums=1)
 
 
 def run_steps(rc, mesh, n_steps, merge=True, start=None, mcfg=SMALL):

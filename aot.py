@@ -1,0 +1,320 @@
+"""Compile a run for chips that are not here: `python main.py aot.target=tpu:v5e-8 ...` builds the run as it would
+(config, mesh, sharded state, ReLoRA plan, batch shapes), compiles its train and eval steps with XLA's TPU or GPU
+compiler for the target's compile-only devices (chips.py), and reports what the programs say, without training:
+memory per device against HBM and whether it fits (else the largest micro-batch that does), FLOPs, a roofline
+bound on the step time (so a ceiling on MFU), which attention kernel the program holds, and compile time.
+
+A module of its own because nothing here trains: it compiles the run's own programs (train_state.build, steps.py)
+and reads them; main.py calls it instead of train.run when aot.target is set, benchmarks/aot.py for its table.
+"""
+import dataclasses
+import math
+import os
+import re
+import time
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import config
+import train_state
+from chips import Target, target
+from config import ConfigError
+from model import BATCH_AXES
+from steps import check_batch, jit_eval_step, jit_train_step
+
+GIB = 1 << 30  # memory is printed in GiB, as XLA's messages print it ("15.75G")
+
+
+def compile_only_host():
+    """Before jax starts its backends: this host's own devices stay the CPU (the TPU and CUDA plugins installed for
+    compiling must not claim hardware that is not here), the CUDA plugin may describe GPUs it cannot see, and
+    libtpu does not take its one-process lock (/tmp/libtpu_lockfile), so several compiles may run at once."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    jax.config.update("jax_platforms", "cpu")
+
+
+@dataclasses.dataclass
+class Memory:
+    """A compiled program's plan per device, in bytes (memory_analysis; outputs that reuse a donated argument's
+    buffer are counted once). A program the TPU compiler refused for memory has only `required`, from its
+    RESOURCE_EXHAUSTED message, and `error`."""
+    arguments: float = 0.0
+    outputs: float = 0.0
+    aliased: float = 0.0
+    temporaries: float = 0.0
+    code: float = 0.0
+    required: float | None = None
+    error: str | None = None
+
+    @property
+    def total(self) -> float:
+        if self.required is not None:
+            return self.required
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+    @classmethod
+    def of(cls, compiled) -> "Memory":
+        m = compiled.memory_analysis()
+        return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes,
+                   m.generated_code_size_in_bytes)
+
+    @classmethod
+    def refused(cls, message: str) -> "Memory":
+        """From the TPU compiler's out-of-memory message: the largest size it names is what the program needs."""
+        units = dict(K=1 << 10, M=1 << 20, G=1 << 30, T=1 << 40)
+        sizes = [float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([KMGT])\b", message)]
+        first = next((line for line in message.splitlines() if "memory" in line.lower()), message.splitlines()[0])
+        return cls(required=max(sizes) if sizes else math.inf, error=first.strip()[:300])
+
+
+def out_of_memory(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled step: its memory plan, XLA's cost analysis (TPU only; None on GPU), its text (the lowered
+    StableHLO when the compiler refused it), compile time."""
+    name: str
+    memory: Memory
+    cost: dict | None
+    text: str
+    seconds: float
+
+
+def compile_step(name: str, jitted, args, mesh) -> Program:
+    """Lower and compile `jitted` for `args` (shapes on a target's devices) in the mesh's context, the one the
+    trainer runs its steps in (attention's kernels read it). The persistent compilation cache is off meanwhile:
+    an executable for devices that are not here cannot be read back from it."""
+    t = time.perf_counter()
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with jax.set_mesh(mesh):
+            lowered = jitted.lower(*args)
+            compiled = lowered.compile()
+    except Exception as e:  # XLA raises JaxRuntimeError; only out-of-memory is an answer, the rest is a bug
+        if not out_of_memory(e):
+            raise
+        return Program(name, Memory.refused(str(e)), None, lowered.as_text(), time.perf_counter() - t)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return Program(name, Memory.of(compiled), cost or None, compiled.as_text() or "", time.perf_counter() - t)
+
+
+def attention_in(text: str, platform: str) -> tuple[str, int]:
+    """The attention kernel a compiled program holds and how many calls of it: cuDNN's fused attention custom
+    calls on a GPU, Pallas (Mosaic) kernel calls on a TPU, else none (XLA's own ops)."""
+    call = r'(?:custom_call_target="|stablehlo\.custom_call @)'  # compiled HLO, or lowered StableHLO
+    if platform == "gpu":
+        n = len(re.findall(call + r"__cudnn\$fmha", text))
+        return ("cudnn", n) if n else ("xla", 0)
+    n = len(re.findall(call + r'"?tpu_custom_call', text))
+    return ("splash", n) if n else ("xla", 0)
+
+
+@dataclasses.dataclass
+class Build:
+    """A run config built for a target: everything the steps are compiled from, nothing allocated."""
+    cfg: object
+    target: Target
+    mesh: object
+    mcfg: object
+    plan: object
+    graphdef: object
+    state: object
+
+
+def build(cfg, spec: str, wrapped: bool = False) -> Build:
+    """The run of `cfg` as it would start on `spec`'s chips (its checks first: keys, mesh, batch, model), with the
+    state as shapes carrying their shardings; `wrapped`: in the layout after ReLoRA's warm start (LoRA branches on
+    frozen weights) where the run starts full-rank."""
+    config.check_keys(cfg)
+    tgt = target(spec)
+    devices = tgt.devices()
+    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
+    check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
+    mcfg, plan, schedule, graphdef, state = train_state.build(cfg, mesh, platform=tgt.chip.platform, abstract=True)
+    if wrapped and plan.cfg and plan.wrapped_at(0) is None:
+        tx = train_state.make_tx(cfg.opt, schedule)
+        graphdef, state = train_state.init_state(mcfg, tx, mesh, cfg.seed, plan.cfg, abstract=True)
+    return Build(cfg, tgt, mesh, mcfg, plan, graphdef, state)
+
+
+def batch_of(b: Build, rows: int):
+    return jax.ShapeDtypeStruct((rows, b.mcfg.seq_len + 1), "int32", sharding=NamedSharding(b.mesh, P(BATCH_AXES)))
+
+
+def compile_train(b: Build, grad_accum: int | None = None) -> Program:
+    """The train step as the trainer compiles it (steps.jit_train_step), at data.batch_size in `grad_accum`
+    micro-batches (default: data.grad_accum)."""
+    c = b.cfg
+    accum = c.data.grad_accum if grad_accum is None else grad_accum
+    step = jit_train_step(b.graphdef, b.state, b.mesh, b.plan, accum, c.train.nan_policy == "skip")
+    return compile_step("train", step, (b.state, batch_of(b, c.data.batch_size)), b.mesh)
+
+
+def compile_eval(b: Build) -> Program:
+    return compile_step("eval", jit_eval_step(b.graphdef), (b.state, batch_of(b, b.cfg.eval.batch_size)), b.mesh)
+
+
+def fits(p: Program, b: Build) -> bool:
+    return p.memory.error is None and p.memory.total <= b.target.chip.memory()
+
+
+def largest_micro_batch(b: Build) -> tuple[int | None, Program | None, int]:
+    """The largest micro-batch (data.batch_size / data.grad_accum, a multiple of the data-parallel size dividing
+    the batch) whose train step fits, by bisection over compile-only memory: (micro-batch or None, its program,
+    compiles made)."""
+    B, dp = b.cfg.data.batch_size, b.mesh.size
+    sizes = [m for m in range(dp, B + 1, dp) if B % m == 0]
+    lo, hi, best, n = 0, len(sizes) - 1, (None, None), 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        p, n = compile_train(b, B // sizes[mid]), n + 1
+        if fits(p, b):
+            best, lo = (sizes[mid], p), mid + 1
+        else:
+            hi = mid - 1
+    return best[0], best[1], n
+
+
+REMAT_FLOPS = {"none": 1.0, "dots": 1.0, "block": 4 / 3}  # model.remat=block recomputes the forward (2 of 6)
+
+
+def roofline(p: Program, b: Build, grad_accum: int) -> dict:
+    """A lower bound on the step time per device, max(FLOPs / peak, bytes / HBM bandwidth), and the MFU it allows.
+    FLOPs: the model's (the MFU formula's), with the forward pass once more under model.remat=block. Bytes: XLA's bytes accessed (TPU) when the step has no loop (XLA's
+    cost analysis counts a loop body once: grad_accum > 1 or scan_layers), else at least the arguments read and
+    the outputs written. XLA's FLOP count is shown beside the model's, under the same caveat (it sees the
+    recomputation of model.remat, not the FLOPs inside Pallas kernels)."""
+    chip, c = b.target.chip, b.cfg
+    peak = chip.bf16 if b.mcfg.dtype in ("bfloat16", "float16") else chip.fp32
+    model_flops = b.mcfg.flops_per_token() * c.data.batch_size * b.mcfg.seq_len / b.mesh.size
+    cost = p.cost or {}
+    looped = grad_accum > 1 or getattr(b.mcfg, "scan_layers", False)
+    xla_bytes = None if looped else cost.get("bytes accessed")
+    m = p.memory
+    traffic = xla_bytes or m.arguments + m.outputs
+    executed = model_flops * REMAT_FLOPS.get(getattr(b.mcfg, "remat", "none"), 1.0)
+    bound = max(executed / peak, traffic / chip.bandwidth)
+    return dict(model_flops=model_flops, xla_flops=cost.get("flops"), xla_looped=looped, bytes=traffic,
+                bytes_source="xla" if xla_bytes else "arguments + outputs", step_s_min=bound,
+                mfu_max=model_flops / peak / bound)
+
+
+def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state) -> str:
+    """The trainer's check before its first step on an accelerator: its train and eval steps compiled for the
+    devices it runs on, their memory per device against the chip's; a ConfigError that says what fits (the
+    largest micro-batch, the knobs) when they do not, instead of XLA's RESOURCE_EXHAUSTED mid-run. Returns the
+    start-up log's line."""
+    b = Build(cfg, tgt, mesh, mcfg, plan, graphdef, state)
+    train, evaluate = compile_train(b), compile_eval(b)
+    limit = tgt.chip.memory()
+    line = (f"memory per device (compiled): train step {gb(train.memory.total)}, eval step "
+            f"{gb(evaluate.memory.total)} of {gb(limit)} usable on {tgt.chip.name}")
+    if fits(train, b) and fits(evaluate, b):
+        return line
+    micro, _, _ = largest_micro_batch(b) if not fits(train, b) else (None, None, 0)
+    what = (f"the largest micro-batch that fits is {micro} sequences: data.grad_accum={cfg.data.batch_size // micro}"
+            if micro else "no micro-batch fits, not one sequence per device")
+    raise ConfigError(f"the run does not fit: {line}; {what}; knobs that help: data.grad_accum, model.remat=block, "
+                      f"model.loss_chunk=1024, mesh.fsdp, eval.batch_size (the eval step)")
+
+
+def analyze(cfg, spec: str, search: bool = True) -> dict:
+    """Compile `cfg`'s train and eval steps for `spec` and report (a dict, what `report` prints)."""
+    b = build(cfg, spec)
+    train, evaluate = compile_train(b), compile_eval(b)
+    chip, c = b.target.chip, b.cfg
+    expected, why = b.mcfg.attention_impl() if hasattr(b.mcfg, "attention_impl") else ("none", "no attention")
+    found, calls = attention_in(train.text, chip.platform)
+    out = dict(target=spec, chip=chip.name, devices=len(b.mesh.devices.flat), mesh=dict(b.mesh.shape),
+               config=dict(size=c.model.d_model, seq_len=b.mcfg.seq_len, batch_size=c.data.batch_size,
+                           grad_accum=c.data.grad_accum, remat=b.mcfg.remat if hasattr(b.mcfg, "remat") else None,
+                           dtype=b.mcfg.dtype),
+               memory_limit=chip.memory(), hbm=chip.hbm,
+               train=dataclasses.asdict(train.memory) | dict(total=train.memory.total),
+               eval=dataclasses.asdict(evaluate.memory) | dict(total=evaluate.memory.total),
+               fits=fits(train, b) and fits(evaluate, b), compile_s=dict(train=train.seconds, eval=evaluate.seconds),
+               attention=dict(expected=expected, why=why, found=found, calls=calls),
+               roofline=roofline(train, b, c.data.grad_accum) if train.memory.error is None else None)
+    if b.plan.cfg and b.plan.wrapped_at(0) is None:  # ReLoRA's step after the warm start, a program of its own
+        wrapped = compile_train(build(cfg, spec, wrapped=True))
+        out["relora_train"] = dataclasses.asdict(wrapped.memory) | dict(total=wrapped.memory.total)
+        out["fits"] = out["fits"] and fits(wrapped, b)
+        out["compile_s"]["relora_train"] = wrapped.seconds
+    micro = c.data.batch_size // c.data.grad_accum
+    if search and not fits(train, b):
+        m, p, n = largest_micro_batch(b)
+        out["largest_micro_batch"] = dict(micro_batch=m, grad_accum=c.data.batch_size // m if m else None,
+                                          total=p.memory.total if p else None, compiles=n)
+        if p is not None:
+            out["roofline"] = roofline(p, b, c.data.batch_size // m)
+    out["micro_batch"] = micro
+    return out
+
+
+def gb(x) -> str:
+    return "n/a" if x is None else f"{x / GIB:.2f} GiB"
+
+
+def report(r: dict) -> str:
+    """The analysis as the lines `python main.py aot.target=...` prints."""
+    t, e, lim = r["train"], r["eval"], r["memory_limit"]
+    lines = [f"{r['target']}: {r['devices']} x {r['chip']}, mesh {r['mesh']} (compile only: XLA's plan, not a "
+             f"measurement)",
+             f"train step, per device: arguments {gb(t['arguments'])} (parameters + optimizer state + batch), "
+             f"temporaries {gb(t['temporaries'])}, outputs {gb(t['outputs'])} ({gb(t['aliased'])} of them in "
+             f"donated buffers), total {gb(t['total'])} of {gb(lim)} usable"
+             + (f" (HBM {gb(r['hbm'])}; jax preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)"
+                if r["hbm"] != lim and r["target"].startswith("gpu") else ""),
+             f"eval step, per device: total {gb(e['total'])}"]
+    if "relora_train" in r:
+        lines.append(f"ReLoRA's train step after its warm start, per device: total {gb(r['relora_train']['total'])}")
+    for name, m in (("train", t), ("eval", e), ("ReLoRA train", r.get("relora_train"))):
+        if m is None:
+            continue
+        if m["error"]:
+            lines.append(f"{name} step refused by the compiler: {m['error']}")
+    if r["fits"]:
+        lines.append(f"fits: yes, {1 - max(t['total'], e['total']) / lim:.0%} of usable memory to spare")
+    else:
+        knobs = ("data.grad_accum (smaller micro-batches), model.remat=block (recompute each block), "
+                 "model.loss_chunk=1024 (no [B, T, V] logits), mesh.fsdp (shard over more chips)")
+        lines.append(f"fits: NO: the train step plans {gb(t['total'])} and the eval step {gb(e['total'])} per "
+                     f"device, {gb(lim)} usable; knobs that help: {knobs}")
+        big = r.get("largest_micro_batch")
+        if big and big["micro_batch"]:
+            lines.append(f"largest micro-batch that fits: {big['micro_batch']} sequences "
+                         f"(data.grad_accum={big['grad_accum']} at data.batch_size={r['config']['batch_size']}), "
+                         f"{gb(big['total'])} per device ({big['compiles']} compiles)")
+        elif big:
+            lines.append(f"no micro-batch fits, not even one sequence per device ({big['compiles']} compiles): "
+                         f"use model.remat=block, model.loss_chunk, or more chips")
+    rf = r["roofline"]
+    if rf:
+        xla = (f", XLA counts {rf['xla_flops'] / 1e12:.2f} TFLOP"
+               + (" (a loop body once)" if rf["xla_looped"] else "")) if rf["xla_flops"] else ""
+        lines.append(f"FLOPs per device and step: model {rf['model_flops'] / 1e12:.2f} TFLOP{xla}; bytes "
+                     f"{gb(rf['bytes'])} ({rf['bytes_source']})")
+        lines.append(f"roofline: step >= {rf['step_s_min'] * 1e3:.1f} ms, MFU <= {rf['mfu_max']:.0%}")
+    a = r["attention"]
+    kernel = {"cudnn": "cuDNN fused attention", "splash": "Pallas splash attention", "xla": "XLA ops, no kernel"}
+    line = f"attention: {kernel.get(a['found'], a['found'])} ({a['calls']} kernel calls in the train step)"
+    if a["expected"] in ("cudnn", "splash") and a["found"] != a["expected"]:
+        line += f"; FALLBACK: the config asks for {a['expected']} ({a['why']})"
+    lines.append(line)
+    lines.append("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["compile_s"].items()))
+    return "\n".join(lines)
+
+
+def run(cfg) -> dict:
+    """main.py with aot.target set: compile, print the report; nothing trains."""
+    r = analyze(cfg, cfg.aot.target, cfg.aot.search)
+    print(report(r))
+    return r

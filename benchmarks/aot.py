@@ -1,0 +1,76 @@
+"""The chips table of benchmarks/RESULTS.md: the pico sizes compiled ahead of time for the chips picojax targets.
+
+    python benchmarks/aot.py                                     # every size on every target (hours on 2 cores)
+    python benchmarks/aot.py --sizes tiny,small --targets gpu:h100,tpu:v5e-8
+    python benchmarks/aot.py --sizes medium --targets tpu:v5e-8 model.remat=block   # overrides after the flags
+
+Each point is `-cn tpu` (TPU targets) or `-cn gpu` (GPU targets) with size=NAME, model.seq_len=2048 and a global
+batch of 1024 sequences, compiled by aot.py for the target's compile-only devices: the largest micro-batch whose
+train step fits (bisection over compiles; data.grad_accum = 1024 / micro-batch), that step's memory per chip, the
+eval step's, the roofline bound's MFU ceiling, and the compile time of one train step. These are the compiler's
+plans, not measured step times: a lent device's first run should compare them. Needs requirements-aot.txt. One row
+of Markdown per point as it finishes, then one JSON line with them all.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import aot  # noqa: E402
+import chips  # noqa: E402
+import config  # noqa: E402
+
+SIZES = ("tiny", "small", "medium", "large", "1b")
+TARGETS = ("gpu:h100", "gpu:h100x8", "gpu:h200x8", "tpu:v4-8", "tpu:v5e-8", "tpu:v5p-8", "tpu:v5e-256")
+
+
+def point(size: str, spec: str, overrides) -> dict:
+    name = chips.target(spec).chip.platform
+    cfg = config.compose(name, [f"size={size}", "model.seq_len=2048", "data.batch_size=1024", "data.grad_accum=1",
+                                "eval.batch_size=%d" % chips.target(spec).count, *overrides])
+    b = aot.build(cfg, spec)
+    t = time.perf_counter()
+    micro, train, n = aot.largest_micro_batch(b)
+    row = dict(size=size, target=spec, micro_batch=micro, compiles=n, search_s=time.perf_counter() - t)
+    if train is not None:
+        evaluate = aot.compile_eval(b)
+        rf = aot.roofline(train, b, 1024 // micro)
+        found, calls = aot.attention_in(train.text, b.target.chip.platform)
+        row.update(grad_accum=1024 // micro, train_gib=train.memory.total / aot.GIB,
+                   eval_gib=evaluate.memory.total / aot.GIB, usable_gib=b.target.chip.memory() / aot.GIB,
+                   mfu_max=rf["mfu_max"], step_s_min=rf["step_s_min"], compile_s=train.seconds,
+                   attention=f"{found} x{calls}")
+    return row
+
+
+def markdown(r: dict) -> str:
+    if r.get("micro_batch") is None:
+        return f"| {r['size']} | {r['target']} | no micro-batch fits | | | | | |"
+    return (f"| {r['size']} | {r['target']} | {r['micro_batch']} (accum {r['grad_accum']}) | "
+            f"{r['train_gib']:.2f} / {r['usable_gib']:.2f} | {r['eval_gib']:.2f} | {r['mfu_max']:.0%} | "
+            f"{r['attention']} | {r['compile_s']:.0f} s |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(SIZES))
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for every point, e.g. model.remat=block")
+    a = p.parse_args(argv)
+    aot.compile_only_host()
+    print("| size | target | largest micro-batch | train GiB / usable per chip | eval GiB | MFU ceiling | "
+          "attention | compile (one train step) |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    rows = []
+    for size in a.sizes.split(","):
+        for spec in a.targets.split(","):
+            rows.append(point(size, spec, a.overrides))
+            print(markdown(rows[-1]), flush=True)
+    print(json.dumps(dict(points=rows)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Ahead-of-time compilation for the chips picojax targets (aot.py, chips.py): the run's own programs compiled by
+XLA's TPU and GPU compilers for compile-only devices on this CPU host. Needs requirements-aot.txt (libtpu, the CUDA
+plugin); without it these tests skip, except in CI, where they fail."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flax import nnx
+
+import aot
+import chips
+import config
+import relora
+import train
+import train_state
+from conftest import ROOT
+
+AOT_TINY = [  # small enough to compile in seconds; seq 128 and head dim 32 as the TPU kernel takes them
+    "model.vocab_size=512", "model.seq_len=128", "model.d_model=128", "model.n_layers=2", "model.n_heads=4",
+    "model.n_kv_heads=2", "model.dtype=bfloat16", "data.batch_size=8", "eval.batch_size=8",
+]
+
+
+def compile_target(spec: str):
+    """Skip (or in CI fail) when the compiler for spec's chips is not installed."""
+    try:
+        chips.target(spec).devices()
+    except chips.TargetError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must compile for {spec}: {e}")
+        pytest.skip(f"needs requirements-aot.txt (pip install -r requirements-aot.txt): {e}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def host():
+    aot.compile_only_host()
+
+
+def shard_bytes(b: aot.Build) -> int:
+    """The state's bytes on one device, from the shardings it was declared with."""
+    return sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(b.state))
+
+
+@pytest.mark.parametrize("spec, kernel", [("tpu:v5e-4", "splash"), ("gpu:h100x2", "cudnn")])
+def test_tiny_run_compiles_sharded_with_its_kernel(spec, kernel):
+    compile_target(spec)
+    cfg = config.compose("local", [*AOT_TINY, "mesh.fsdp=-1"])
+    b = aot.build(cfg, spec)
+    n = len(b.mesh.devices.flat)
+    assert n == chips.target(spec).count and dict(b.mesh.shape) == {"data": 1, "fsdp": n}
+    train = aot.compile_train(b)
+    found, calls = aot.attention_in(train.text, b.target.chip.platform)
+    # splash: forward, dq and dkv kernels per layer; cuDNN: forward and backward per layer
+    assert (found, calls) == (kernel, 3 * 2 if kernel == "splash" else 2 * 2)
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.state))
+    per_device, batch = shard_bytes(b), 8 * 129 * 4 / n
+    assert per_device < total / n * 1.1  # FSDP: every matrix split n ways; the norm scales replicated are tiny
+    if kernel == "cudnn":  # GPU buffers are not padded: the arguments are the state's shards and the batch's
+        assert train.memory.arguments == pytest.approx(per_device + batch, rel=1e-6)
+    else:  # TPU tiles pad small arrays
+        assert per_device <= train.memory.arguments < 2 * (per_device + batch)
+    assert train.memory.aliased > 0.9 * per_device  # the state is donated: its outputs reuse its buffers
+
+
+def test_two_gpus_cudnn_attention_compiles_with_accumulation_and_data_parallel():
+    compile_target("gpu:h100x2")
+    for mesh in (["mesh.data=2", "mesh.fsdp=1"], ["mesh.data=1", "mesh.fsdp=2"]):
+        cfg = config.compose("local", [*AOT_TINY, *mesh, "data.grad_accum=2"])
+        train = aot.compile_train(aot.build(cfg, "gpu:h100x2"))
+        assert aot.attention_in(train.text, "gpu") == ("cudnn", 4)
+
+
+def test_gpu_float32_says_which_attention_it_takes():
+    compile_target("gpu:h100")
+    r = aot.analyze(config.compose("local", [*AOT_TINY, "model.dtype=float32"]), "gpu:h100", search=False)
+    assert r["attention"] == dict(expected="xla", why="auto: cuDNN flash attention needs bf16 / fp16, "
+                                  "model.dtype=float32", found="xla", calls=0)
+    assert "FALLBACK" not in aot.report(r) and "attention: XLA ops" in aot.report(r)
+
+
+@pytest.mark.parametrize("name, spec", [("tpu", "tpu:v5e-8"), ("gpu", "gpu:h100x8")])
+def test_shipped_configs_compile_for_their_chips(name, spec):
+    """-cn tpu size=tiny and -cn gpu size=tiny (pico tiny: seq 2048, vocab 50304, head dim 8) at one sequence per
+    device, in 2 micro-batches (the same program at any number of them). On TPU 3 of the 12 layers: XLA:TPU's
+    compile time grows with the layers (46 s for 12 on this machine; benchmarks/aot.py compiles them all)."""
+    compile_target(spec)
+    n, layers = chips.target(spec).count, 3 if name == "tpu" else 12
+    cfg = config.compose(name, ["size=tiny", f"data.batch_size={2 * n}", "data.grad_accum=2",
+                                f"eval.batch_size={n}", f"model.n_layers={layers}"])
+    r = aot.analyze(cfg, spec, search=False)
+    assert r["attention"]["found"] == r["attention"]["expected"] == ("splash" if name == "tpu" else "cudnn")
+    assert r["attention"]["calls"] == layers * (3 if name == "tpu" else 2)
+    assert r["fits"] and r["roofline"]["mfu_max"] <= 1
+    text = aot.report(r)
+    assert "fits: yes" in text and "roofline: step >=" in text and f"{n} x " in text
+
+
+def test_relora_steps_compile_for_tpu_and_gpu():
+    lora = ["+model.relora={target_modules: [swiglu, attention], r: 8, reset_frequency: 10, restart_warmup_steps: 2, "
+              "warm_start_steps: 5}"]
+    for spec, kernel in (("tpu:v5e-4", "splash"), ("gpu:h100x2", "cudnn")):
+        compile_target(spec)
+        b = aot.build(config.compose("local", [*AOT_TINY, *lora]), spec, wrapped=True)
+        assert len(relora.lora_layers(nnx.merge(b.graphdef, b.state)[0])) == 2 * 7  # q k v o gate up down
+        train = aot.compile_train(b)
+        assert train.memory.error is None and aot.attention_in(train.text, b.target.chip.platform)[0] == kernel
+
+
+def test_search_finds_the_largest_micro_batch_that_fits(monkeypatch):
+    compile_target("gpu:h100")
+    cfg = config.compose("local", [*AOT_TINY, "data.batch_size=16"])
+    b = aot.build(cfg, "gpu:h100")
+    limit = aot.compile_train(b, grad_accum=16).memory.total + 1  # room for micro-batches of one sequence only
+    monkeypatch.setitem(chips.CHIPS, "h100", dataclasses.replace(b.target.chip, hbm=limit / 0.75))
+    r = aot.analyze(cfg, "gpu:h100")
+    assert not r["fits"] and r["largest_micro_batch"]["micro_batch"] == 1
+    assert r["largest_micro_batch"]["grad_accum"] == 16
+    assert "largest micro-batch that fits: 1 sequences (data.grad_accum=16" in aot.report(r)
+
+
+def test_bad_targets_and_meshes_are_clear_errors():
+    with pytest.raises(chips.TargetError, match=r"names no GPU host; known chips: .*gpu:h100x8"):
+        chips.target("gpu:b300")
+    with pytest.raises(chips.TargetError, match=r"no v5e slice of 6; sizes: \[1, 4, 8"):
+        chips.target("tpu:v5e-6")
+    compile_target("tpu:v5e-4")
+    with pytest.raises(config.ConfigError, match=r"mesh.data=3 x mesh.fsdp=-1 does not match the 4 devices"):
+        aot.build(config.compose("local", [*AOT_TINY, "mesh.data=3"]), "tpu:v5e-4")
+    with pytest.raises(config.ConfigError, match=r"model.d_model=100 is not divisible by mesh.fsdp=8"):
+        aot.build(config.compose("local", [*AOT_TINY, "model.d_model=100", "model.n_heads=2", "model.n_kv_heads=1",
+                                           "data.batch_size=8"]), "tpu:v5e-8")
+
+
+def test_chip_table_names_the_devices_and_serves_the_mfu_peak():
+    assert chips.chip_of("TPU v5 lite").name == "TPU v5e" and chips.chip_of("TPU v5").name == "TPU v5p"
+    assert chips.chip_of("NVIDIA A100-SXM4-40GB").hbm < chips.chip_of("NVIDIA A100-SXM4-80GB").hbm
+    assert chips.chip_of("NVIDIA L40S") is None and chips.chip_of("cpu") is None
+    assert 'core_count: 132' in chips.gpu_target_config(chips.CHIPS["h200"])
+
+
+def test_main_py_compiles_for_a_target_and_trains_nothing(tmp_path):
+    compile_target("gpu:h100x2")
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "aot.target=gpu:h100x2", *AOT_TINY,
+                          f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gpu:h100x2: 2 x NVIDIA H100 80GB HBM3" in out.stdout and "fits: yes" in out.stdout
+    assert "attention: cuDNN fused attention (4 kernel calls" in out.stdout
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "main.py"), "aot.target=tpu:v7-8"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2 and "names no TPU slice; known chips" in bad.stderr
+
+
+def test_trainer_checks_memory_before_its_first_step_on_an_accelerator(tiny_cfg, monkeypatch):
+    """What the trainer does on a chip of the table, played on CPU with a chip of a few MB: the compiled steps'
+    memory against it, and a clear error naming the largest micro-batch that fits, before any step runs."""
+    cfg = tiny_cfg("data.batch_size=16")
+    small = chips.Chip("a small chip", "tpu", ("small",), 1e12, 1e12, 0, 1e11)
+    monkeypatch.setattr(chips, "here", lambda: chips.Target("cpu", dataclasses.replace(small, hbm=1e12), 8, ""))
+    assert "memory per device (compiled): train step" in train.Trainer(cfg).memory_note
+    one = aot.compile_train(aot.Build(cfg, chips.Target("cpu", small, 8, ""), *_built(cfg)), grad_accum=2)
+    limit = one.memory.total + 1  # micro-batches of 8 sequences fit, 16 do not
+    monkeypatch.setattr(chips, "here", lambda: chips.Target("cpu", dataclasses.replace(small, hbm=limit), 8, ""))
+    with pytest.raises(config.ConfigError, match=r"does not fit: .* the largest micro-batch that fits is 8 "
+                                                 r"sequences: data.grad_accum=2; knobs"):
+        train.Trainer(cfg)
+
+
+def _built(cfg):
+    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    mcfg, plan, _, graphdef, state = train_state.build(cfg, mesh, abstract=True)
+    return mesh, mcfg, plan, graphdef, state
