@@ -90,9 +90,9 @@ def splash_attention(q, k, v, interpret: bool = False):
 
 def blockwise_attention(q, k, v, min_block=128, max_blocks=8):
     """Causal attention in plain XLA ops (the path before flash_attention, kept as the tests' reference; it keeps
-    each query block's float32 scores and probabilities for the backward pass), one block of queries at a time: the block ending at query
-    t reads keys 0..t only, so the masked upper triangle of the T x T scores (half the attention
-    FLOPs) is mostly never computed. Softmax in float32. Blocks of >= min_block queries, at most
+    each query block's float32 scores and probabilities for the backward pass), one block of queries at a time:
+    the block ending at query t reads keys 0..t only, so the masked upper triangle of the T x T scores (half the
+    attention FLOPs) is mostly never computed. Softmax in float32. Blocks of >= min_block queries, at most
     max_blocks of them, since each is unrolled into the graph (timings: benchmarks/RESULTS.md)."""
     B, T, H, E = q.shape
     K = k.shape[2]

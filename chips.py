@@ -34,6 +34,10 @@ class Chip:
     cores_per_chip: int = 1  # a TPU name's count (v4-8) counts cores; a v4 / v5p chip has 2 (one JAX device)
     usable: float = 0.0  # HBM a program may plan per device: on TPU the compiler's own limit (0: hbm)
 
+    def compute_capability(self) -> str:
+        """A GPU's, e.g. "9.0" ("" for a TPU)."""
+        return "%d.%d" % self.gpu["cuda_compute_capability"] if self.gpu else ""
+
     def memory(self) -> float:
         """The bytes a compiled program may use per device. On GPUs, jax preallocates a fraction of HBM
         (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75) and allocates from that pool only."""

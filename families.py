@@ -250,14 +250,14 @@ class KGramMLP(LanguageModel):
 FAMILIES = {"decoder": (ModelConfig, Decoder), "lstm": (LSTMConfig, LSTM), "kgram_mlp": (KGramConfig, KGramMLP)}
 
 
-def model_config(block, platform: str = "") -> ModelConfig | LSTMConfig | KGramConfig:
-    """The frozen config of a `model:` block's family (model.kind; absent in old checkpoints: decoder). `platform`:
-    where the decoder will run when that is not this process's devices (a compile target's)."""
+def model_config(block, platform: str = "", compute_capability: str = "") -> ModelConfig | LSTMConfig | KGramConfig:
+    """The frozen config of a `model:` block's family (model.kind; absent in old checkpoints: decoder). `platform`
+    (and a GPU's compute capability): where the decoder will run when that is not here (a compile target)."""
     kind = block.get("kind") or "decoder"
     if kind not in FAMILIES:
         raise ConfigError(f"model.kind={kind!r}; use one of {list(FAMILIES)}")
     if kind == "decoder" and platform:
-        block = dict(block, platform=platform)
+        block = dict(block, platform=platform, compute_capability=compute_capability)
     return FAMILIES[kind][0].from_dict(block)
 
 

@@ -100,15 +100,17 @@ class ModelConfig:
     tie_embeddings: bool = False    # logits = x @ embed^T, no head
     qk_norm: bool = False           # RMSNorm of queries and keys per head, before RoPE
     z_loss: float = 0.0             # weight of mean(logsumexp(logits)^2) in the loss (PaLM); 0 = off
-    # where the model runs (tpu | gpu | cpu), not a config key: "" = this process's devices; a compile-only
-    # target's platform when aot.py compiles for one
+    # where the model runs (tpu | gpu | cpu) and a GPU's compute capability, not config keys: "" = this process's
+    # devices'; a compile-only target's when aot.py compiles for one
     platform: str = ""
+    compute_capability: str = ""
 
     # `kind` picks the family (families.py), `lstm` / `kgram` configure the others, `relora` is
     # read by relora.py, `init_from` by train.py: none of them is a decoder field
     NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora", "init_from")
     # fields that change how the model runs, not its parameters: a checkpoint loads under others
-    RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk", "platform")
+    RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk", "platform",
+                                "compute_capability")
 
     @classmethod
     def from_dict(cls, d) -> "ModelConfig":
@@ -160,7 +162,10 @@ class ModelConfig:
             if self.seq_len % 128:
                 return "xla", f"auto: splash attention needs model.seq_len divisible by 128, not {self.seq_len}"
             return "splash", "auto: a TPU (jax's Pallas splash attention)"
+        cc = self.compute_capability or (getattr(jax.devices()[0], "compute_capability", "") if on == "gpu" else "")
         why = (f"cuDNN flash attention needs an NVIDIA GPU, this is {on}" if on != "gpu" else
+               f"cuDNN flash attention needs compute capability 8.0 or newer (A100, L4, H100), this GPU has {cc}"
+               if cc and float(cc) < 8 else
                f"cuDNN flash attention needs bf16 / fp16, model.dtype={dtype}" if dtype not in ("bfloat16", "float16")
                else f"cuDNN needs a head dim <= 256 and a multiple of 8, not {e}" if e % 8 or e > 256 else None)
         return ("xla", f"auto: {why}") if why else ("cudnn", "auto: a GPU, bf16 / fp16 and a head dim cuDNN takes")

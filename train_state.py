@@ -83,12 +83,12 @@ def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = Non
     return graphdef, state
 
 
-def build(cfg, mesh, weights=None, platform: str = "", abstract: bool = False):
+def build(cfg, mesh, weights=None, platform: str = "", abstract: bool = False, compute_capability: str = ""):
     """Everything a run config's state is made of, at step 0: (model config, ReLoRA plan, LR schedule, graphdef,
     state), from `weights` where given (init_state). Bad model or ReLoRA keys fail here, before anything
-    compiles. `platform` and `abstract`: a compile target's (aot.py): the model as it runs there, and its state
-    as shapes with shardings."""
-    mcfg = model_config(cfg.model, platform)
+    compiles. `platform`, `compute_capability` and `abstract`: a compile target's (aot.py): the model as it runs
+    there, and its state as shapes with shardings."""
+    mcfg = model_config(cfg.model, platform, compute_capability)
     if mcfg.linears() and mcfg.d_model % mesh.shape["fsdp"]:  # the decoder; the other families are replicated
         raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh.shape['fsdp']}: FSDP "
                           f"shards every weight along d_model; pick a mesh.fsdp that divides it")
