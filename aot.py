@@ -24,6 +24,8 @@ from model import BATCH_AXES
 from steps import check_batch, jit_eval_step, jit_train_step
 
 GIB = 1 << 30  # memory is printed in GiB, as XLA's messages print it ("15.75G")
+KNOBS = ("data.grad_accum (smaller micro-batches), model.remat=block (recompute each block), model.loss_chunk=1024 "
+         "(no [B, T, V] logits), mesh.fsdp (shard over more chips), eval.batch_size (the eval step)")
 
 
 def compile_only_host():
@@ -218,11 +220,13 @@ def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state) -> str:
             f"{gb(evaluate.memory.total)} of {gb(limit)} usable on {tgt.chip.name}")
     if fits(train, b) and fits(evaluate, b):
         return line
-    micro, _, _ = largest_micro_batch(b) if not fits(train, b) else (None, None, 0)
-    what = (f"the largest micro-batch that fits is {micro} sequences: data.grad_accum={cfg.data.batch_size // micro}"
-            if micro else "no micro-batch fits, not one sequence per device")
-    raise ConfigError(f"the run does not fit: {line}; {what}; knobs that help: data.grad_accum, model.remat=block, "
-                      f"model.loss_chunk=1024, mesh.fsdp, eval.batch_size (the eval step)")
+    if fits(train, b):
+        what = f"the eval step does not fit: lower eval.batch_size={cfg.eval.batch_size}"
+    else:
+        micro = largest_micro_batch(b)[0]
+        what = (f"the largest micro-batch that fits is {micro} sequences: data.grad_accum="
+                f"{cfg.data.batch_size // micro}" if micro else "no micro-batch fits, not one sequence per device")
+    raise ConfigError(f"the run does not fit: {line}; {what}; knobs that help: {KNOBS}")
 
 
 def analyze(cfg, spec: str, search: bool = True) -> dict:
@@ -233,7 +237,7 @@ def analyze(cfg, spec: str, search: bool = True) -> dict:
     expected, why = b.mcfg.attention_impl() if hasattr(b.mcfg, "attention_impl") else ("none", "no attention")
     found, calls = attention_in(train.text, chip.platform)
     out = dict(target=spec, chip=chip.name, devices=len(b.mesh.devices.flat), mesh=dict(b.mesh.shape),
-               config=dict(size=c.model.d_model, seq_len=b.mcfg.seq_len, batch_size=c.data.batch_size,
+               config=dict(d_model=c.model.d_model, seq_len=b.mcfg.seq_len, batch_size=c.data.batch_size,
                            grad_accum=c.data.grad_accum, remat=b.mcfg.remat if hasattr(b.mcfg, "remat") else None,
                            dtype=b.mcfg.dtype),
                memory_limit=chip.memory(), hbm=chip.hbm,
@@ -247,14 +251,12 @@ def analyze(cfg, spec: str, search: bool = True) -> dict:
         out["relora_train"] = dataclasses.asdict(wrapped.memory) | dict(total=wrapped.memory.total)
         out["fits"] = out["fits"] and fits(wrapped, b)
         out["compile_s"]["relora_train"] = wrapped.seconds
-    micro = c.data.batch_size // c.data.grad_accum
     if search and not fits(train, b):
         m, p, n = largest_micro_batch(b)
         out["largest_micro_batch"] = dict(micro_batch=m, grad_accum=c.data.batch_size // m if m else None,
                                           total=p.memory.total if p else None, compiles=n)
         if p is not None:
             out["roofline"] = roofline(p, b, c.data.batch_size // m)
-    out["micro_batch"] = micro
     return out
 
 
@@ -283,10 +285,8 @@ def report(r: dict) -> str:
     if r["fits"]:
         lines.append(f"fits: yes, {1 - max(t['total'], e['total']) / lim:.0%} of usable memory to spare")
     else:
-        knobs = ("data.grad_accum (smaller micro-batches), model.remat=block (recompute each block), "
-                 "model.loss_chunk=1024 (no [B, T, V] logits), mesh.fsdp (shard over more chips)")
         lines.append(f"fits: NO: the train step plans {gb(t['total'])} and the eval step {gb(e['total'])} per "
-                     f"device, {gb(lim)} usable; knobs that help: {knobs}")
+                     f"device, {gb(lim)} usable; knobs that help: {KNOBS}")
         big = r.get("largest_micro_batch")
         if big and big["micro_batch"]:
             lines.append(f"largest micro-batch that fits: {big['micro_batch']} sequences "

@@ -11,6 +11,7 @@ import os
 import re
 
 import jax
+from jax.experimental import topologies
 
 
 class TargetError(ValueError):
@@ -129,7 +130,6 @@ class Target:
     def devices(self) -> list:
         """Its compile-only devices: XLA compiles for them on this host, nothing runs. Needs libtpu (TPU) or the
         CUDA plugin (GPU): `pip install -r requirements-aot.txt`."""
-        from jax.experimental import topologies
         try:
             if self.chip.platform == "tpu":
                 # a v4 chip is one JAX device (megacore), as on a real v4; one chip is its own host

@@ -28,9 +28,9 @@ TARGETS = ("gpu:h100", "gpu:h100x8", "gpu:h200x8", "tpu:v4-8", "tpu:v5e-8", "tpu
 
 
 def point(size: str, spec: str, overrides) -> dict:
-    name = chips.target(spec).chip.platform
-    cfg = config.compose(name, [f"size={size}", "model.seq_len=2048", "data.batch_size=1024", "data.grad_accum=1",
-                                "eval.batch_size=%d" % chips.target(spec).count, *overrides])
+    tgt = chips.target(spec)
+    cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", "data.batch_size=1024",
+                                             "data.grad_accum=1", f"eval.batch_size={tgt.count}", *overrides])
     b = aot.build(cfg, spec)
     t = time.perf_counter()
     micro, train, n = aot.largest_micro_batch(b)
