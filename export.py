@@ -40,6 +40,7 @@ import prepare
 import train_state
 from checkpoint import Background, CheckpointError, into_step_dir
 from config import BLOCK_LINEARS, ConfigError
+from families import model_config
 from model import Decoder, ModelConfig
 
 # Each format's names: the model's own tensors, then per block (under <layers>.<i>) its norms and linear layers
@@ -293,6 +294,25 @@ def init_weights(path, mcfg) -> nnx.State:
     if mcfg.tie_embeddings:
         del new[("head", "kernel")]
     return _fill(mcfg, new, path)
+
+
+def run_weights(cfg, resuming: bool):
+    """A run's model.init_from weights (a Llama or pico-decoder folder) and the start-up note on them; (None, None)
+    without it, and None when the run resumes (its checkpoint holds the weights). The folder's tokenizer must be the
+    run's data's."""
+    path = cfg.model.get("init_from")
+    if not path:
+        return None, None
+    if resuming:
+        return None, f"model.init_from={path} not read: the run resumes from its checkpoint in {cfg.checkpoint.dir}"
+    weights = init_weights(path, model_config(cfg.model))
+    theirs, ours = Path(path).expanduser() / "tokenizer.json", data.data_dir(cfg.data) / "tokenizer.json"
+    if theirs.exists() and ours.exists() and \
+            prepare.load_tokenizer(theirs).get_vocab() != prepare.load_tokenizer(ours).get_vocab():
+        raise ConfigError(f"model.init_from={path} has another tokenizer than the run's data ({ours}); "
+                          f"tokenize the text with it: `python data.py prepare FILES --out DIR --tokenizer "
+                          f"{theirs}`, then data.dir=DIR")
+    return weights, f"weights from model.init_from={path}"
 
 
 import_pico = import_hf  # the same reader: it tells the two formats apart by config.json's model_type

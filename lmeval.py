@@ -37,6 +37,8 @@ from model import generate_ids
 
 try:
     import lm_eval
+    import lm_eval.models  # noqa: F401  lm-eval's own models, before ours: its registry fills itself lazily only
+    # while empty, so registering `picojax` first would hide `hf` and the rest (lm_eval.simple_evaluate(model="hf"))
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
@@ -197,6 +199,23 @@ def run_tasks(cfg) -> list[str]:
                               "...` after training")
         check_tasks(tasks, task_manager(cfg.eval.task_include_path, tuple(tasks)))
     return tasks
+
+
+def after_training(cfg, final: dict) -> dict:
+    """A finished run's eval.tasks on its final checkpoint (main.py calls this after train.run; run_tasks checked
+    the names before it trained): the scores go into final["tasks"], metrics.json and eval_results/step_<k>.json.
+    Nothing for a run without tasks, an interrupted run, or a process other than 0."""
+    tasks = list(cfg.eval.tasks or [])
+    if not tasks or final.get("interrupted") or jax.process_index() != 0:
+        return final
+    res = evaluate(cfg.run_dir, tasks, final["step"], cfg.eval.task_limit, cfg.eval.batch_size,
+                   cfg.eval.task_include_path, wandb=cfg.wandb.mode)
+    final = dict(final, tasks=scores(res))
+    metrics = Path(cfg.run_dir) / "metrics.json"
+    if metrics.exists():
+        metrics.write_text(json.dumps(dict(json.loads(metrics.read_text()), final=final), indent=1))
+    print(lm_eval.utils.make_table(res))
+    return final
 
 
 def scores(res: dict) -> dict:

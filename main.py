@@ -1,4 +1,5 @@
-"""Hydra entry: config -> distributed init -> train.run (or, with aot.target, aot.run: compile for chips, no training).
+"""Hydra entry: config -> distributed init -> train.run -> eval.tasks through lm-eval on the final checkpoint (or, with
+aot.target, aot.run: compile for chips, no training).
 
     python main.py                            # configs/local.yaml: CPU, built-in corpus, a few minutes
     python main.py -cn tpu opt.peak_lr=0.004  # another config, with overrides
@@ -15,6 +16,7 @@ from hydra.types import RunMode
 import aot
 import config
 import host
+import lmeval
 import train
 from checkpoint import CheckpointError
 from chips import TargetError
@@ -34,7 +36,8 @@ def main(cfg):
             aot.run(cfg)
             return
         host.init_distributed(cfg.distributed)
-        train.run(cfg)
+        lmeval.run_tasks(cfg)  # unknown task names fail before anything compiles
+        lmeval.after_training(cfg, train.run(cfg))
     except (config.ConfigError, DataError, CheckpointError, TargetError) as e:  # bad input: the message says the fix
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

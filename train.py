@@ -1,14 +1,15 @@
-"""The training loop with its logging, evaluation and checkpoints.
+"""The training loop: steps, logging, and the calls to evaluation (evaluation.py) and checkpoints (saving.py).
 
 Each jitted step (steps.py) takes the state (donated; train_state.py builds it) and a global batch and returns the
-new state and device-side metrics; the host reads metrics only every `train.log_every` steps.
+new state and device-side metrics; the host reads metrics only every `train.log_every` steps. End-of-run lm-eval
+tasks are not the loop's: main.py runs them on the final checkpoint (lmeval.after_training).
 """
 import json
 import math
 import signal
 import threading
 import time
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 
 import jax
@@ -24,21 +25,16 @@ import aot
 import chips
 import config
 import data
-import dynamics
 import export
-import lmeval
-import prepare
 import relora
-import snapshots
 import train_state
-from checkpoint import Background, Checkpoints, HubUploader, into_step_dir
+from checkpoint import Checkpoints
 from config import ConfigError
-from families import model_config
+from evaluation import Evaluator
 from host import peak_flops, throughput
-from model import BATCH_AXES, LanguageModel, count_params, distinct, generate_ids
+from model import BATCH_AXES, LanguageModel, count_params
+from saving import Saver
 from steps import check_batch, jit_eval_step, jit_train_step
-
-GREEDY_PROMPT = 8  # tokens of each validation prompt for the greedy distinct-n
 
 
 def training_config(cfg, mcfg) -> dict:
@@ -114,53 +110,24 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.is_main = jax.process_index() == 0
         self.data_dir = data.data_dir(cfg.data)
-        # data and task names first: bad ones fail before anything compiles
-        self.train_rows, self.valid_rows, self.dynamics_rows, self.eval_sets = data.open_run_data(cfg)
-        self.tasks = lmeval.run_tasks(cfg)
+        # data first: bad sources fail before anything compiles
+        self.train_rows, self.valid_rows, dynamics_rows, eval_sets = data.open_run_data(cfg)
         self.train_data = data.TrainData(self.train_rows, cfg.seed, cfg.data.batch_size, cfg.data.order)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
-        self.init_note = None
+        weights, self.init_note = export.run_weights(cfg, resuming=self.ckpt.latest_step() is not None)
         self.mcfg, self.relora, self.schedule, self.graphdef, self.state = train_state.build(cfg, self.mesh,
-                                                                                            self.start_weights())
+                                                                                            weights)
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        self.dynamics_layers, self.dynamics_note = dynamics.choose_layers(self.mcfg, cfg.checkpoint.dynamics.layers)
-        self.pico_names = dynamics.check_format(cfg.checkpoint.dynamics.format, self.dynamics_layers)
-        self.pico_files = Background()  # pico-train's .pt files of each snapshot (checkpoint.dynamics.format=pico)
-        self.hub = HubUploader(c.hf_repo_id, cfg.name, cfg.run_dir, c.hf_endpoint) \
-            if c.hf_repo_id and self.is_main else None
-        self.hf_models, self.hf_note = None, None
-        if c.hf_model:
-            try:
-                export.check_llama(self.mcfg)
-                tokenizer = self.data_dir / "tokenizer.json"
-                self.hf_models = export.CheckpointModels(self.mcfg, tokenizer if tokenizer.exists() else None)
-            except ConfigError as e:  # not a Llama: said once at start-up
-                self.hf_note = f"checkpoints have no Hugging Face files ({e}); checkpoint.hf_model=false silences this"
+        self.evaluator = Evaluator(cfg, self.mesh, self.mcfg, self.data_dir, eval_sets, self.valid_rows,
+                                   self.batch_sharding)
+        self.saver = Saver(cfg, self.ckpt, self.mcfg, self.mesh, self.data_dir, self.train_data, dynamics_rows,
+                           self.batch_sharding)
         self.meter, self.wandb, self.history, self.last_eval = Meter(), None, [], None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
         self.accelerator, self.memory_note = chips.here(), None
         self.jit_steps()
-
-    def start_weights(self):
-        """model.init_from's weights (a Llama or pico-decoder folder) for a new run; None without it, or when the
-        run resumes (its checkpoint holds the weights)."""
-        path = self.cfg.model.get("init_from")
-        if not path:
-            return None
-        if self.ckpt.latest_step() is not None:
-            self.init_note = f"model.init_from={path} not read: the run resumes from its checkpoint in {self.ckpt.dir}"
-            return None
-        weights = export.init_weights(path, model_config(self.cfg.model))
-        theirs, ours = Path(path).expanduser() / "tokenizer.json", data.data_dir(self.cfg.data) / "tokenizer.json"
-        if theirs.exists() and ours.exists() and \
-                prepare.load_tokenizer(theirs).get_vocab() != prepare.load_tokenizer(ours).get_vocab():
-            raise ConfigError(f"model.init_from={path} has another tokenizer than the run's data ({ours}); "
-                              f"tokenize the text with it: `python data.py prepare FILES --out DIR --tokenizer "
-                              f"{theirs}`, then data.dir=DIR")
-        self.init_note = f"weights from model.init_from={path}"
-        return weights
 
     def resume(self) -> int:
         """The latest checkpoint's state and step (0 without one) into this trainer."""
@@ -190,7 +157,7 @@ class Trainer:
         self.train_step = jit_train_step(self.graphdef, self.state, self.mesh, self.relora, c.data.grad_accum,
                                          c.train.nan_policy == "skip")
         self.eval_step = jit_eval_step(self.graphdef)
-        self.dynamics_step = jax.jit(partial(dynamics.dynamics_step, self.graphdef, layers=self.dynamics_layers))
+        self.saver.compile(self.graphdef)
 
     @cached_property
     def peak(self) -> tuple[float, str]:
@@ -203,52 +170,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """<set>_loss and <set>_ppl of every validation set (val: the run's validation data; eval.sets)."""
-        out = {}
-        with jax.set_mesh(self.mesh):
-            for name, rows in self.eval_sets.items():
-                total, count = 0.0, 0.0
-                for tokens in data.valid_batches(rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
-                                                 self.cfg.eval.max_tokens, self.batch_sharding):
-                    s, n = self.eval_step(self.state, tokens)
-                    total, count = total + s, count + n
-                loss = float(total / count)
-                out.update({f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50.0))})
-        return out
-
-    def prompt_ids(self):
-        """sample.prompt as token ids through the run's tokenizer, and the tokenizer (None without one: token 0)."""
-        tok_path = self.data_dir / "tokenizer.json"
-        tok = prepare.load_tokenizer(tok_path) if tok_path.exists() else None
-        return (tok.encode(self.cfg.sample.prompt).ids if tok else []) or [0], tok
-
-    def sample(self) -> str:
-        """sample.prompt and one continuation of it, as text."""
-        s = self.cfg.sample
-        ids, tok = self.prompt_ids()
-        with jax.set_mesh(self.mesh):
-            new = generate_ids(self.model, [ids], s.max_new_tokens, jax.random.key(self.cfg.seed),
-                               s.temperature, s.top_k, s.top_p)[0]
-        ids = ids[-max(self.mcfg.seq_len - s.max_new_tokens, 1):] + new  # the prompt as generate_ids kept it
-        return tok.decode(ids) if tok else " ".join(map(str, ids))
-
-    def diversity(self) -> dict:
-        """distinct-1..5 over token ids (0 samples: {}): `distinct_n` of sample.n_samples sampled continuations of
-        sample.prompt (sample.temperature, top_k, top_p), and `greedy_distinct_n` of greedy continuations of
-        sample.n_samples different prompts, the first GREEDY_PROMPT tokens of evenly spaced validation sequences
-        (greedy decoding of one prompt n times would give n copies of one text)."""
-        s = self.cfg.sample
-        if not (s.n_samples and s.max_new_tokens):
-            return {}
-        ids, _ = self.prompt_ids()
-        n_seqs = self.valid_rows.n_rows
-        prompts = [self.valid_rows.read([i * n_seqs // s.n_samples])[0, :GREEDY_PROMPT].astype(np.int64).tolist()
-                   for i in range(s.n_samples)]
-        key = jax.random.key(self.cfg.seed)
-        with jax.set_mesh(self.mesh):
-            sampled = generate_ids(self.model, [ids] * s.n_samples, s.max_new_tokens, key, s.temperature, s.top_k,
-                                   s.top_p)
-            greedy = generate_ids(self.model, prompts, s.max_new_tokens, key, 0.0)
-        return dict(**distinct(sampled), **{f"greedy_{k}": v for k, v in distinct(greedy).items()})
+        return self.evaluator.losses(self.eval_step, self.state)
 
     def log(self, metrics: dict, step: int, bar=None):
         if not self.is_main:
@@ -269,30 +191,14 @@ class Trainer:
                                 f"the data, or set train.nan_policy=skip")
 
     def save(self, step: int):
+        """Checkpoint `step` (once), after checking that no step since the last one was NaN / inf."""
         self.check_finite(step)
         if step == self.saved_step and self.ckpt.latest_step() == step:
             return
         loop = dict(step=step, seed=self.cfg.seed, tokens_seen=self.tokens_seen(step),
                     eval=self.last_eval)  # the latest evaluation (val_loss, val_ppl and its step), if any
-        self.ckpt.save(step, self.state, loop, OmegaConf.to_container(self.cfg, resolve=True))
-        files = [self.hf_models.write(step, self.ckpt.step_dir(step), self.graphdef, self.state)
-                 if self.hf_models else None]  # what the upload waits for (on its own thread)
+        self.saver.save(step, self.graphdef, self.state, loop)
         self.saved_step = step
-        if self.dynamics_layers:  # this step's parameters on its train batch and on the fixed eval batch
-            out = self.run_dir / "learning_dynamics" / str(step)
-            with jax.set_mesh(self.mesh):  # the same context at every save, or the jitted step would recompile
-                tokens = self.train_data.batch(step, self.batch_sharding)
-                train_snap = dynamics.save(out, "train", self.dynamics_step(self.state, tokens), tokens)
-                eval_tokens = next(data.valid_batches(self.dynamics_rows, self.cfg.eval.batch_size, self.mcfg.seq_len,
-                                                      None, self.batch_sharding))
-                eval_snap = dynamics.save(out, "eval", self.dynamics_step(self.state, eval_tokens))
-            if self.pico_names and train_snap is not None:  # process 0, once Orbax has the step's folder in place
-                splits = (("train", train_snap), ("eval", eval_snap))
-                write = lambda tmp: [snapshots.write_pico(tmp, s, a, self.pico_names) for s, a in splits]
-                files.append(self.pico_files.submit(into_step_dir, self.ckpt.step_dir(step), "learning_dynamics",
-                                                    write, f"pico's learning-dynamics files of checkpoint step {step}"))
-        if self.hub:
-            self.hub.upload(step, self.ckpt.step_dir(step), self.run_dir / "learning_dynamics" / str(step), files)
 
     def log_train(self, step: int, bar):
         m, n, dt = self.meter.read()
@@ -335,8 +241,10 @@ class Trainer:
         print(f"model: {self.n_params / 1e6:.2f}M params | mesh {dict(self.mesh.shape)} on {jax.device_count()} "
               f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es) | data {self.data_dir} "
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
-        notes = [self.init_note, *self.mcfg.notes(), self.memory_note, self.dynamics_note, self.hf_note,
-                 *self.relora.notes(self.graphdef, self.state)]
+        tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
+                "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
+        notes = [self.init_note, *self.mcfg.notes(), self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
+                 tasks, *self.relora.notes(self.graphdef, self.state)]
         for note in notes:
             if note:
                 print(note)
@@ -387,13 +295,9 @@ class Trainer:
         self.record_eval(steps, self.last_eval)
         self.save(steps)  # after the final evaluation, which it stores
         final["unigram_entropy"] = data.unigram_entropy(self.train_rows.sample(data.SCAN_LIMIT), self.mcfg.vocab_size)
-        final.update(self.diversity(), params=self.n_params, tokens=self.tokens_seen(steps))
+        final.update(self.evaluator.diversity(self.model), params=self.n_params, tokens=self.tokens_seen(steps))
         self.log(final, steps)
-        if self.tasks and self.is_main:  # lm-eval on the final checkpoint, once its files are on disk
-            self.wait_for_files()
-            final["tasks"] = lmeval.scores(lmeval.evaluate(self.run_dir, self.tasks, steps, cfg.eval.task_limit,
-                                                           cfg.eval.batch_size, cfg.eval.task_include_path))
-        sample = self.sample() if cfg.sample.max_new_tokens else None
+        sample = self.evaluator.sample(self.model) if cfg.sample.max_new_tokens else None
         if self.is_main:
             print(f"validation loss {final['val_loss']:.3f} nats (perplexity {final['val_ppl']:.1f}) vs "
                   f"unigram entropy {final['unigram_entropy']:.3f} nats of the training tokens")
@@ -402,16 +306,11 @@ class Trainer:
         return self.finish(final)
 
     def wait_for_files(self):
-        """Until every save under way is on disk: Orbax's, then the Hugging Face and pico files beside it."""
-        self.ckpt.wait()
-        if self.hf_models:
-            self.hf_models.wait()
-        self.pico_files.wait()
+        """Until every save under way is on disk (saving.Saver.wait)."""
+        self.saver.wait()
 
     def finish(self, final: dict) -> dict:
-        self.wait_for_files()
-        if self.hub:
-            print(self.hub.finish())
+        self.saver.finish()
         if self.is_main:
             if final.get("interrupted"):
                 print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")

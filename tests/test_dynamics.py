@@ -25,7 +25,7 @@ def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
                 assert snap[(split, "gradients", f"blocks.{i}.swiglu.down")].shape == (c.d_hidden, c.d_model)
         np.testing.assert_array_equal(snap[("train", "tokens", None)], t.train_data.rows(step))
     # two shapes (train and eval batch), compiled once each for all saves: no recompilation per step
-    assert t.dynamics_step._cache_size() == 2
+    assert t.saver.dynamics_step._cache_size() == 2
 
     # the last snapshot against the final parameters, computed directly
     snap, model = load_dynamics(t.run_dir, 4), t.model

@@ -47,9 +47,11 @@ def run(tmp_path_factory, corpus_cache):
     root = tmp_path_factory.mktemp("lmeval")
     write_tasks(root)
     valid = corpus_cache / "wiki-bpe4096" / "valid.bin"
-    train.Trainer(make_cfg(*TINY, f"data.cache_dir={corpus_cache}", f"run_dir={root / 'run'}", "train.steps=6",
-                           "checkpoint.every_steps=0", "opt.peak_lr=0.01", "eval.every_steps=3",
-                           f"+eval.sets.again={valid}", "eval.tasks=[pj_mc]", f"eval.task_include_path={root}")).run()
+    cfg = make_cfg(*TINY, f"data.cache_dir={corpus_cache}", f"run_dir={root / 'run'}", "train.steps=6",
+                   "checkpoint.every_steps=0", "opt.peak_lr=0.01", "eval.every_steps=3", f"+eval.sets.again={valid}",
+                   "eval.tasks=[pj_mc]", f"eval.task_include_path={root}")
+    assert lmeval.run_tasks(cfg) == ["pj_mc"]  # main.py's order: the names checked, train.run, then the tasks
+    lmeval.after_training(cfg, train.Trainer(cfg).run())
     return root
 
 
@@ -85,11 +87,15 @@ def test_scores_equal_lm_evals_hf_model_on_the_exported_checkpoint(run):
     gen = reqs("generate_until", [(c, dict(until=["."], max_gen_toks=6, do_sample=False)) for c in CONTEXTS])
     assert ours.generate_until(gen) == theirs.generate_until(gen)
 
-    # whole tasks through lm_eval.simple_evaluate: the same metrics
+    # whole tasks through lm_eval.simple_evaluate, both models by their registered names in one process, ours
+    # first (registering `picojax` once hid lm-eval's own models): the same metrics
     manager = TaskManager(include_path=str(run))
     tasks = ["pj_mc", "pj_ppl", "pj_gen"]
-    r_ours = lm_eval.simple_evaluate(model=ours, tasks=tasks, task_manager=manager)["results"]
-    r_theirs = lm_eval.simple_evaluate(model=theirs, tasks=tasks, task_manager=manager)["results"]
+    r_ours = lm_eval.simple_evaluate(model="picojax", model_args=f"run_dir={run / 'run'},batch_size=4", tasks=tasks,
+                                     task_manager=manager)["results"]
+    r_theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={run / 'run' / 'checkpoints' / 'step_6'},"
+                                       "batch_size=4,device=cpu,dtype=float32", tasks=tasks,
+                                       task_manager=manager)["results"]
     for task in tasks:
         for metric, value in r_theirs[task].items():
             if isinstance(value, float) and "stderr" not in metric:
