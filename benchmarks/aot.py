@@ -7,12 +7,15 @@
 Each point is `-cn tpu` (TPU targets) or `-cn gpu` (GPU targets) with size=NAME, model.seq_len=2048 and a global
 batch of 1024 sequences, compiled by aot.py for the target's compile-only devices: the largest micro-batch whose
 train step fits (bisection over compiles; data.grad_accum = 1024 / micro-batch), that step's memory per chip, the
-eval step's, the roofline bound's MFU ceiling, and the compile time of one train step. These are the compiler's
-plans, not measured step times: a lent device's first run should compare them. Needs requirements-aot.txt. One row
-of Markdown per point as it finishes, then one JSON line with them all.
+eval step's, the roofline bound's MFU ceiling, and the compile time of one train step. The mesh is all FSDP, except
+where d_model does not divide the chip count (pico tiny on a v5e-256): FSDP over their greatest common divisor, data
+parallel over the rest. These are the compiler's plans, not measured step times: a lent device's first run should
+compare them. Needs requirements-aot.txt. One row of Markdown per point as it finishes, then one JSON line with them
+all.
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +34,9 @@ def point(size: str, spec: str, overrides) -> dict:
     tgt = chips.target(spec)
     cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", "data.batch_size=1024",
                                              "data.grad_accum=1", f"eval.batch_size={tgt.count}", *overrides])
+    fsdp = math.gcd(tgt.count, cfg.model.d_model)
+    if fsdp != tgt.count and cfg.mesh.fsdp == -1:  # e.g. pico tiny (d_model 96) on a v5e-256: FSDP over 32, data 8
+        cfg.mesh.fsdp, cfg.mesh.data = fsdp, tgt.count // fsdp
     b = aot.build(cfg, spec)
     t = time.perf_counter()
     micro, train, n = aot.largest_micro_batch(b)
