@@ -17,6 +17,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import config
+import maml
 import train_state
 from chips import Target, target
 from config import ConfigError
@@ -129,6 +130,7 @@ class Build:
     plan: object
     graphdef: object
     state: object
+    objective: object = None  # steps.train_step's (maml.Objective with model.maml), None: next-token prediction
 
 
 def build(cfg, spec: str, wrapped: bool = False) -> Build:
@@ -144,8 +146,11 @@ def build(cfg, spec: str, wrapped: bool = False) -> Build:
                                                               compute_capability=tgt.chip.compute_capability())
     if wrapped and plan.cfg and plan.wrapped_at(0) is None:
         tx = train_state.make_tx(cfg.opt, schedule)
-        graphdef, state = train_state.init_state(mcfg, tx, mesh, cfg.seed, plan.cfg, abstract=True)
-    return Build(cfg, tgt, mesh, mcfg, plan, graphdef, state)
+        graphdef, state = train_state.init_state(mcfg, tx, mesh, cfg.seed, plan.cfg, abstract=True,
+                                                 meta=maml.config_of(cfg))
+    meta = maml.config_of(cfg)  # the mask token's id changes nothing compiled: the data's tokenizer is not read
+    objective = maml.Objective(meta, mcfg.vocab_size - 1 if meta.mask_id is None else meta.mask_id) if meta else None
+    return Build(cfg, tgt, mesh, mcfg, plan, graphdef, state, objective)
 
 
 def batch_of(b: Build, rows: int):
@@ -157,7 +162,7 @@ def compile_train(b: Build, grad_accum: int | None = None) -> Program:
     micro-batches (default: data.grad_accum)."""
     c = b.cfg
     accum = c.data.grad_accum if grad_accum is None else grad_accum
-    step = jit_train_step(b.graphdef, b.state, b.mesh, b.plan, accum, c.train.nan_policy == "skip")
+    step = jit_train_step(b.graphdef, b.state, b.mesh, b.plan, accum, c.train.nan_policy == "skip", b.objective)
     return compile_step("train", step, (b.state, batch_of(b, c.data.batch_size)), b.mesh)
 
 
@@ -208,12 +213,12 @@ def roofline(p: Program, b: Build, grad_accum: int) -> dict:
                 bytes=traffic, step_s_min=bound, mfu_max=model_flops / peak / bound)
 
 
-def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state) -> str:
+def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state, objective=None) -> str:
     """The trainer's check before its first step on an accelerator: its train and eval steps compiled for the
     devices it runs on, their memory per device against the chip's; a ConfigError that says what fits (the
     largest micro-batch, the knobs) when they do not, instead of XLA's RESOURCE_EXHAUSTED mid-run. Returns the
     start-up log's line."""
-    b = Build(cfg, tgt, mesh, mcfg, plan, graphdef, state)
+    b = Build(cfg, tgt, mesh, mcfg, plan, graphdef, state, objective)
     train, evaluate = compile_train(b), compile_eval(b)
     limit = tgt.chip.memory()
     line = (f"memory per device (compiled): train step {gb(train.memory.total)}, eval step "

@@ -67,12 +67,13 @@ def reject_unknown(given, known, prefix: str = "", what: str = "config key", err
                     f"{[str(k) for k in known if k != 'defaults']}")
 
 
-FREE_BLOCKS = ("model.relora", "eval.sets")  # blocks whose keys are not base.yaml's: checked by their readers
+# blocks whose keys are not base.yaml's: checked by their readers
+FREE_BLOCKS = ("model.relora", "model.maml", "eval.sets")
 
 
 def check_keys(cfg, ref=None, prefix: str = ""):
-    """Reject keys that base.yaml does not define (a typo in an override or a config file). model.relora's keys
-    are ReLoRAConfig's, eval.sets' the names of validation sets, the families' sub-blocks their configs': those
+    """Reject keys that base.yaml does not define (a typo in an override or a config file). model.relora's and
+    model.maml's keys are ReLoRAConfig's and MetaConfig's, eval.sets' the names of validation sets, the families' sub-blocks their configs': those
     check themselves."""
     register_resolvers()
     ref = OmegaConf.load(CONFIGS / "base.yaml") if ref is None else ref

@@ -51,6 +51,12 @@ SHARDING = {
     "lora_b_XR": (None, None),       # q, k, v (X out), gate, up (F out)
     "lora_b_DR": ("fsdp", None),     # o, down
     "lora_s": (),                    # trainable scale
+    # The meta-learning head (maml.py): FSDP along D in, along its hidden width H out.
+    "maml_in_DH": ("fsdp", None),
+    "maml_in_DV": ("fsdp", None),    # a head of one layer
+    "maml_hidden_HH": (None, None),
+    "maml_out_HV": ("fsdp", None),
+    "maml_bias": (None,),
     # The LSTM and k-gram families (families.py) are data-parallel only: their parameters are
     # replicated (a few million; their widths need not divide the device count).
     "lstm_embed_VM": (None, None),
@@ -106,8 +112,8 @@ class ModelConfig:
     compute_capability: str = ""
 
     # `kind` picks the family (families.py), `lstm` / `kgram` configure the others, `relora` is
-    # read by relora.py, `init_from` by train.py: none of them is a decoder field
-    NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora", "init_from")
+    # read by relora.py, `maml` by maml.py, `init_from` by export.py: none of them is a decoder field
+    NOT_DECODER: ClassVar[tuple] = ("kind", "lstm", "kgram", "relora", "maml", "init_from")
     # fields that change how the model runs, not its parameters: a checkpoint loads under others
     RUNTIME: ClassVar[tuple] = ("dtype", "attention", "remat", "scan_layers", "loss_chunk", "platform",
                                 "compute_capability")

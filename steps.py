@@ -30,28 +30,36 @@ def check_batch(mesh, batch_size: int, grad_accum: int, eval_batch: int):
 
 # ---------------------------------------------------------------------------------------------- steps
 
-def train_step(graphdef, state, tokens, dropout_key=None, grad_accum: int = 1, skip_nonfinite: bool = False):
+def train_step(graphdef, state, tokens, dropout_key=None, grad_accum: int = 1, skip_nonfinite: bool = False,
+               objective=None):
     """One optimizer step on the global batch tokens [B, T + 1], split into `grad_accum` micro-batches. dropout_key:
-    the step's LoRA dropout key (relora.training_step passes it), None for no dropout. With skip_nonfinite, a step
-    whose loss or gradient is NaN / inf leaves the state as it was."""
+    the step's LoRA dropout key (relora.training_step passes it), None for no dropout. objective: None for
+    next-token prediction, or one whose micro_grads(...) gives each micro-batch's (loss, grads, metrics), e.g.
+    maml.Objective (metrics summed over the micro-batches). With skip_nonfinite, a step whose loss or gradient is
+    NaN / inf leaves the state as it was."""
     old = jax.tree.map(lambda x: x, state)  # own containers: the update below mutates the merged Variables
     model, opt = nnx.merge(graphdef, state)
     net = model if dropout_key is None else relora.in_training(model, dropout_key)
     model_def, params, rest = nnx.split(net, nnx.Param, ...)  # gradients for nnx.Param only
-    grad = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
+    ar = jax.value_and_grad(lambda params, tokens: loss_fn(nnx.merge(model_def, params, rest), tokens))
+    if objective is None:
+        grad = lambda params, tokens, index: (*ar(params, tokens), {})
+    else:
+        grad = objective.micro_grads(ar, model_def, rest, opt.step[...])
     if grad_accum == 1:
-        loss, grads = grad(params, tokens)
+        loss, grads, extra = grad(params, tokens, 0)
     else:
         B = tokens.shape[0]
         # micro-batch a takes rows a, a + A, a + 2A, ...: every device keeps an equal share of each one
         micro = tokens.reshape(B // grad_accum, grad_accum, -1).swapaxes(0, 1)
         micro = jax.lax.with_sharding_constraint(micro, P(None, BATCH_AXES, None))
 
-        def acc(carry, mb):
-            return jax.tree.map(jnp.add, carry, grad(params, mb)), None
+        def acc(carry, xs):
+            return jax.tree.map(jnp.add, carry, grad(params, *xs)), None
 
-        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), _ = jax.lax.scan(acc, zeros, micro)
+        metrics = jax.eval_shape(grad, params, micro[0], 0)[2]
+        zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, metrics))
+        (loss, grads, extra), _ = jax.lax.scan(acc, zeros, (micro, jnp.arange(grad_accum)))
         loss, grads = jax.tree.map(lambda x: x / grad_accum, (loss, grads))
     opt.update(model, grads)
     grad_norm = optax.tree.norm(grads)
@@ -59,7 +67,7 @@ def train_step(graphdef, state, tokens, dropout_key=None, grad_accum: int = 1, s
     new = nnx.state((model, opt))
     if skip_nonfinite:
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return new, dict(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+    return new, dict(loss=loss, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32), **extra)
 
 
 def eval_step(graphdef, state, tokens):
@@ -69,13 +77,14 @@ def eval_step(graphdef, state, tokens):
     return losses.sum(), jnp.asarray(losses.size, jnp.float32)
 
 
-def jit_train_step(graphdef, state, mesh, plan: relora.Plan, grad_accum: int = 1, skip_nonfinite: bool = False):
-    """The compiled train step for `graphdef` (ReLoRA's when the plan has one), donating the state and keeping the
-    shardings it was created with (XLA would otherwise pick its own for some outputs, e.g. shard the norm scales,
-    and every step after the first would recompile)."""
+def jit_train_step(graphdef, state, mesh, plan: relora.Plan, grad_accum: int = 1, skip_nonfinite: bool = False,
+                   objective=None):
+    """The compiled train step for `graphdef` (ReLoRA's when the plan has one) and `objective` (train_step's),
+    donating the state and keeping the shardings it was created with (XLA would otherwise pick its own for some
+    outputs, e.g. shard the norm scales, and every step after the first would recompile)."""
     shardings = (jax.tree.map(lambda x: x.sharding, state), NamedSharding(mesh, P()))
-    return jax.jit(partial(plan.step(train_step), graphdef, grad_accum=grad_accum, skip_nonfinite=skip_nonfinite),
-                   donate_argnums=0, out_shardings=shardings)
+    return jax.jit(partial(plan.step(train_step), graphdef, grad_accum=grad_accum, skip_nonfinite=skip_nonfinite,
+                           objective=objective), donate_argnums=0, out_shardings=shardings)
 
 
 def jit_eval_step(graphdef):

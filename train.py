@@ -26,6 +26,8 @@ import chips
 import config
 import data
 import export
+import maml
+import prepare
 import relora
 import train_state
 from checkpoint import Checkpoints
@@ -51,9 +53,12 @@ class TrainingError(RuntimeError):
 
 
 class Meter:
-    """Sums the per-step metrics on device (no host sync per step); the host reads them at log or save time."""
+    """Sums the per-step metrics on device (no host sync per step); the host reads them at log or save time. The
+    metrics named in `per_meta` are sums over a step's meta micro-batches (maml.py): they are divided by the
+    `meta_batches` of the interval, not by its steps, and left out of an interval without one."""
 
-    def __init__(self):
+    def __init__(self, per_meta=()):
+        self.per_meta = per_meta
         self.sum, self.n, self.t = None, 0, time.perf_counter()
         self.bad = jnp.zeros(())  # non-finite steps since the last check
 
@@ -63,7 +68,10 @@ class Meter:
 
     def read(self) -> tuple[dict, int, float]:
         """Means since the last read, the number of steps and the seconds they took."""
-        means = {k: float(v) / self.n for k, v in jax.device_get(self.sum).items()}
+        sums = jax.device_get(self.sum)
+        meta = float(sums.get("meta_batches", 0))
+        means = {k: float(v) / (meta if k in self.per_meta else self.n) for k, v in sums.items()
+                 if k not in self.per_meta or meta}
         out = (means, self.n, time.perf_counter() - self.t)
         self.sum, self.n, self.t = None, 0, time.perf_counter()
         return out
@@ -123,7 +131,10 @@ class Trainer:
                                    self.batch_sharding)
         self.saver = Saver(cfg, self.ckpt, self.mcfg, self.mesh, self.data_dir, self.train_data, dynamics_rows,
                            self.batch_sharding)
-        self.meter, self.wandb, self.history, self.last_eval = Meter(), None, [], None
+        tokenizer = self.data_dir / "tokenizer.json"
+        self.objective, self.mask_note = maml.objective(maml.config_of(cfg), self.mcfg,
+                                                        prepare.load_tokenizer(tokenizer) if tokenizer.exists() else None)
+        self.meter, self.wandb, self.history, self.last_eval = Meter(maml.PER_META), None, [], None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
         self.accelerator, self.memory_note = chips.here(), None
@@ -138,7 +149,7 @@ class Trainer:
             raise ConfigError(f"{self.ckpt.dir} already holds checkpoints (steps {self.ckpt.all_steps()}) and "
                               f"checkpoint.auto_resume=false; use a new run_dir, or auto_resume=true to continue")
         self.graphdef, self.state, loop = train_state.restore(self.ckpt, latest, self.mcfg, self.relora, self.graphdef,
-                                                            self.state, self.mesh)
+                                                            self.state, self.mesh, self.cfg.model.get("maml"))
         metrics = self.run_dir / "metrics.json"  # the history of earlier runs of this run_dir, up to the step
         if metrics.exists():
             self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= loop["step"]]
@@ -153,9 +164,9 @@ class Trainer:
         c = self.cfg
         if self.accelerator is not None:
             self.memory_note = aot.preflight(c, self.accelerator, self.mesh, self.mcfg, self.relora, self.graphdef,
-                                             self.state)
+                                             self.state, self.objective)
         self.train_step = jit_train_step(self.graphdef, self.state, self.mesh, self.relora, c.data.grad_accum,
-                                         c.train.nan_policy == "skip")
+                                         c.train.nan_policy == "skip", self.objective)
         self.eval_step = jit_eval_step(self.graphdef)
         self.saver.compile(self.graphdef)
 
@@ -244,7 +255,8 @@ class Trainer:
         tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
                 "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
         notes = [self.init_note, *self.mcfg.notes(), self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
-                 tasks, *self.relora.notes(self.graphdef, self.state)]
+                 tasks, *self.relora.notes(self.graphdef, self.state), self.mask_note,
+                 *(self.objective.notes(self.model) if self.objective else ())]
         for note in notes:
             if note:
                 print(note)

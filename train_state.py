@@ -15,6 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from omegaconf import OmegaConf
 
+import maml
 import relora
 from checkpoint import CheckpointError, Checkpoints, abstract_like
 from config import ConfigError
@@ -59,16 +60,19 @@ def make_tx(o, schedule):
 
 
 def init_state(mcfg, tx, mesh, seed: int, lora: relora.ReLoRAConfig | None = None, weights=None,
-               abstract: bool = False):
+               abstract: bool = False, meta: maml.MetaConfig | None = None):
     """Build model and optimizer directly sharded (no full copy on one device): graphdef, state. `weights` (an
     nnx.State of the model's parameters, e.g. export.init_weights) replace the random ones. With `lora`, the
     model's targeted layers are ReLoRA-wrapped before the optimizer is built, so it holds moments for A and B only.
+    With `meta`, the model gets its meta-learning head (maml.attach), trained and checkpointed with it.
     `abstract`: the state as jax.ShapeDtypeStructs carrying their shardings, nothing allocated (aot.py compiles
     for a target's devices with them)."""
     def build(weights):
         model = build_model(mcfg, nnx.Rngs(seed))
         if weights is not None:
             nnx.update(model, weights)
+        if meta is not None:
+            maml.attach(model, meta, seed)
         if lora is not None:
             relora.wrap(model, lora)
         return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -93,9 +97,15 @@ def build(cfg, mesh, weights=None, platform: str = "", abstract: bool = False, c
         raise ConfigError(f"model.d_model={mcfg.d_model} is not divisible by mesh.fsdp={mesh.shape['fsdp']}: FSDP "
                           f"shards every weight along d_model; pick a mesh.fsdp that divides it")
     plan = relora.plan(cfg.model.get("relora"), cfg.seed, mcfg)
+    meta = maml.config_of(cfg)
+    if meta is not None:
+        meta.check(mcfg, cfg.data.batch_size // cfg.data.grad_accum)  # an episode's rows: one micro-batch
+        if meta.num_layers > 1 and meta.hidden_dim % mesh.shape["fsdp"]:
+            raise ConfigError(f"model.maml.hidden_dim={meta.hidden_dim} is not divisible by mesh.fsdp="
+                              f"{mesh.shape['fsdp']}: FSDP shards the head's last kernel along it; pick a multiple")
     schedule = plan.schedule(lr_schedule(cfg.opt, cfg.train.steps))
     graphdef, state = init_state(mcfg, make_tx(cfg.opt, schedule), mesh, cfg.seed, plan.wrapped_at(0), weights,
-                                 abstract)
+                                 abstract, meta)
     return mcfg, plan, schedule, graphdef, state
 
 
@@ -111,10 +121,12 @@ def saved_model_block(block) -> dict:
     return block
 
 
-def check_same_model(saved_block, mcfg, where):
+def check_same_model(saved_block, mcfg, where, meta_block=None):
     """Refuse a checkpoint made by another model: the fields that define the parameters must agree (keys a checkpoint
-    predates take their defaults; dtype, attention, remat, scan_layers and loss_chunk may differ)."""
+    predates take their defaults; dtype, attention, remat, scan_layers and loss_chunk may differ), the meta head's
+    (model.maml's num_layers and hidden_dim, `meta_block` this run's) too."""
     saved, now = model_config(saved_model_block(saved_block)).param_fields(), mcfg.param_fields()
+    saved["maml head"], now["maml head"] = maml.head_dims(saved_block.get("maml")), maml.head_dims(meta_block)
     diff = {k: (saved.get(k), now.get(k)) for k in dict(saved) | now if saved.get(k) != now.get(k)}
     if diff:
         desc = ", ".join(f"model.{k}: checkpoint {a} vs this run {b}" for k, (a, b) in sorted(diff.items()))
@@ -122,10 +134,10 @@ def check_same_model(saved_block, mcfg, where):
                               f"checkpoint's model config or a new run_dir")
 
 
-def restore(ckpts: Checkpoints, step: int, mcfg, plan, graphdef, state, mesh):
-    """(graphdef, state, loop) of checkpoint `step`, after checking it was made by this model, in the layout it was
-    saved in and with the shardings of `state` on `mesh`."""
-    check_same_model(ckpts.config(step)["model"], mcfg, ckpts.step_dir(step))
+def restore(ckpts: Checkpoints, step: int, mcfg, plan, graphdef, state, mesh, meta_block=None):
+    """(graphdef, state, loop) of checkpoint `step`, after checking it was made by this model (and meta head: this
+    run's model.maml block), in the layout it was saved in and with the shardings of `state` on `mesh`."""
+    check_same_model(ckpts.config(step)["model"], mcfg, ckpts.step_dir(step), meta_block)
     with jax.set_mesh(mesh):
         graphdef, state = plan.layout_at(step, graphdef, state)
     state, loop = ckpts.restore(step, abstract_like(state))
@@ -149,5 +161,5 @@ def load(path, step: int | None = None):
     cfg.mesh.data, cfg.mesh.fsdp = 1, -1  # this host's devices, whatever the run used
     mesh = make_mesh(1, -1)
     mcfg, plan, _, graphdef, state = build(cfg, mesh)
-    graphdef, state, loop = restore(ckpts, step, mcfg, plan, graphdef, state, mesh)
+    graphdef, state, loop = restore(ckpts, step, mcfg, plan, graphdef, state, mesh, cfg.model.get("maml"))
     return nnx.merge(graphdef, state)[0], cfg, loop
