@@ -29,6 +29,10 @@ Metrics. On weights and gradients W [in, out], with singular values s (np.linalg
     frobenius ||W||_F;  nuclear sum s;  max_abs max |w_ij|;  condition_number s_max / s_min;
     per (proportional effective rank) exp(-sum p_i ln p_i) / n, p = s / sum s, n = min(in, out);
     gini of |w| sorted ascending: sum((2i - n - 1) x_i) / (n sum x);  hoyer (sqrt(n) - |x|_1 / |x|_2) / (sqrt(n) - 1)
+On the attention of the split's batch (snapshots of picojax 2026-12 on; older runs and pico-train's have none):
+    head_entropy  each head's mean entropy of its causal attention distribution, -sum_s p_ts ln p_ts averaged over
+                  rows and query positions t (nats; uniform attention over t + 1 keys gives ln(t + 1)); per block:
+                  blocks.<i>.attention (the heads' mean) and blocks.<i>.attention.head.<h>
 On the eval activations X [N, p] of a step against Y [N, q] of target_step:
     cka    linear CKA (Kornblith et al. 2019) of column-centred X, Y: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)
     pwcca  projection-weighted CCA (Morcos et al. 2018), see `pwcca`.
@@ -165,7 +169,13 @@ def pwcca(x, y, rtol: float = 1e-6) -> float:
 MATRIX_METRICS = dict(frobenius=frobenius, nuclear=nuclear, max_abs=max_abs, condition_number=condition_number,
                       per=per, gini=gini, hoyer=hoyer)  # on weights and gradients
 ACTIVATION_METRICS = dict(cka=cka, pwcca=pwcca)  # a step's eval activations against target_step's
-METRICS = {**MATRIX_METRICS, **ACTIVATION_METRICS}
+def head_entropy(h) -> float:
+    """A head's mean attention entropy, as dynamics.head_entropy stored it (nats)."""
+    return float(h)
+
+
+ATTENTION_METRICS = dict(head_entropy=head_entropy)  # from the snapshots' head_entropy/blocks.<i>.attention [H]
+METRICS = {**MATRIX_METRICS, **ACTIVATION_METRICS, **ATTENTION_METRICS}
 SPECTRAL = ("nuclear", "condition_number", "per")  # take the singular values, computed once per matrix
 LOG_SCALE = ("condition_number",)
 
@@ -267,6 +277,7 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
                             f"pico-train's checkpoints/step_<k>/learning_dynamics/*.pt); train with "
                             f"checkpoint.dynamics.layers set (default [attention.v,attention.o,swiglu.down]) and "
                             f"checkpoint.every_steps=N")
+    explicit = metrics is not None
     metrics = list(METRICS) if metrics is None else list(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
@@ -302,6 +313,18 @@ def analyze(run_dir, metrics=None, steps=None, split="train", target_step=None, 
             mine = components(snap, "activations", "eval", model)
             for m in acts:
                 results[m][step] = {"activations": {c: METRICS[m](a, target[c]) for c, a in mine.items()}}
+        heads = {layer: v for (s, k, layer), v in snap.items() if s == split and k == "head_entropy"}
+        for m in (m for m in metrics if m in ATTENTION_METRICS and heads):
+            values = {}
+            for layer, v in sorted(heads.items(), key=lambda kv: _sort_key(kv[0])):
+                values[layer] = float(np.mean(v))
+                values.update({f"{layer}.head.{h}": METRICS[m](x) for h, x in enumerate(v)})
+            results[m][step] = {"attention": values}
+    for m in [m for m in ATTENTION_METRICS if m in results and not results[m]]:
+        if explicit:
+            raise AnalysisError(f"metrics: {m} needs the attention entropies that snapshots of picojax from 2026-12 "
+                                f"on store; {run_dir} has none (an older run, or a pico-train one)")
+        del results[m]
 
     for m, by_step in results.items():
         msplit = "eval" if m in ACTIVATION_METRICS else split
@@ -352,6 +375,8 @@ def _panel(name: str):
         return block, ".".join(rest[:-1]), "--" if rest[-1] == "base" else ":", None
     if rest[:2] == ["attention", "ov"]:
         return block, "attention.ov", "-", int(rest[2])
+    if rest[:2] == ["attention", "head"]:
+        return block, "attention.heads", "-", int(rest[2])
     return block, ".".join(rest), "-", None
 
 
@@ -369,7 +394,7 @@ def plot_metric(by_step: dict, path: Path, title: str, log: bool = False):
             for c, v in by_step[step].get(kind, {}).items():
                 block, layer, style, _ = _panel(c)
                 series.setdefault((kind, layer), {}).setdefault(c, (block, style, {}))[2][step] = v
-    layers = sorted({layer for _, layer in series}, key=lambda l: (l == "attention.ov", l))
+    layers = sorted({layer for _, layer in series}, key=lambda l: (l in ("attention.ov", "attention.heads"), l))
     n_blocks = 1 + max((b for lines in series.values() for b, _, _ in lines.values()), default=0)
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, n_blocks))
     height = 2.4 * len(kinds) + 1.0  # inches: the panels, plus the title above and the legend below
@@ -384,8 +409,8 @@ def plot_metric(by_step: dict, path: Path, title: str, log: bool = False):
             for c, (block, style, vals) in lines.items():
                 xs = [s for s in steps if s in vals]
                 ys = [vals[s] if math.isfinite(vals[s]) else np.nan for s in xs]
-                ax.plot(xs, ys, style, color=colors[block], lw=0.8 if layer == "attention.ov" else 1.4, marker=".",
-                        ms=3)
+                thin = layer in ("attention.ov", "attention.heads")
+                ax.plot(xs, ys, style, color=colors[block], lw=0.8 if thin else 1.4, marker=".", ms=3)
             ax.set_title(f"{kind}: {layer}", fontsize=9)
             ax.tick_params(labelsize=7)
             if log:

@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -36,10 +37,28 @@ def choose_layers(mcfg, layers) -> tuple[tuple[str, ...], str | None]:
         if missing else None
 
 
+def head_entropy(q, k):
+    """Mean entropy (nats) of each head's causal attention distribution, over rows and query positions: q [B, T, H,
+    E], k [B, T, K, E] -> [H]. One row's [H, T, T] probabilities at a time (never the whole batch's)."""
+    B, T, H, E = q.shape
+    group = H // k.shape[2]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+
+    def row(qk):
+        qr, kr = qk  # [T, H, E], [T, K, E]
+        s = jnp.einsum("thE,shE->hts", qr.astype(jnp.float32), jnp.repeat(kr, group, axis=1).astype(jnp.float32))
+        logp = jax.nn.log_softmax(jnp.where(causal, s / jnp.sqrt(E), -jnp.inf), axis=-1)
+        return -jnp.sum(jnp.where(causal, jnp.exp(logp) * logp, 0.0), axis=-1).mean(axis=-1)  # [H]
+
+    return jax.lax.map(row, (q, k)).mean(axis=0)
+
+
 def dynamics_step(graphdef, state, tokens, layers: tuple[str, ...]) -> dict:
     """Activations at the last token, kernels and loss gradients of `layers` (e.g. "attention.v") in every block,
-    for the batch tokens [N, T + 1], from a (model, optimizer) state. Intermediates come from nnx.capture over the
-    Python loop of blocks (a view of the model with scan_layers off), so nothing is sown into the model."""
+    for the batch tokens [N, T + 1], from a (model, optimizer) state, and every block's attention-head entropy
+    (`head_entropy/blocks.<i>.attention`, [H]). Intermediates come from nnx.capture over the Python loop of blocks
+    (a view of the model with scan_layers off), so nothing is sown into the model and the train step is as it
+    was; the attention probabilities exist here only, from the captured queries and keys."""
     model, _ = nnx.merge(graphdef, state)
     model = nnx.with_attributes(model, cfg=dataclasses.replace(model.cfg, scan_layers=False))
     # every kernel, trained or not: a ReLoRA layer's frozen W gets d loss / dW = d loss / d(W + scale B A)
@@ -62,6 +81,8 @@ def dynamics_step(graphdef, state, tokens, layers: tuple[str, ...]) -> dict:
             else:
                 out[f"weights/{name}"] = module.kernel[...]
             out[f"gradients/{name}"] = _at(grads, path)["kernel"][...]
+        out[f"head_entropy/blocks.{i}.attention"] = head_entropy(*_at(inter, ("blocks", i, "attention"))
+                                                                 ["queries_keys"][0])
     return out
 
 

@@ -310,6 +310,19 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(cfg, E, "norm_E")
         self.cfg = cfg
 
+    def queries_keys(self, x, rope):
+        """q [B, T, H, E] and k [B, T, K, E] of x [B, T, D], normed and rotated as attention uses them (the
+        learning-dynamics capture reads this method's output: dynamics.head_entropy)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.k(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        return q, k
+
     def __call__(self, x, rope, cache=None, pos=None, start=None):
         """x [B, T, D]; rope: (sin, cos) or None. Without a cache: causal self-attention. With a
         cache (k, v each [B, S, K, E]), the T new tokens sit at positions pos..pos+T-1 and attend
@@ -317,13 +330,8 @@ class Attention(nnx.Module):
         up to start[b])."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q(x).reshape(B, T, cfg.n_heads, cfg.head_dim)  # [B, T, H, E]
-        k = self.k(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
+        q, k = self.queries_keys(x, rope)  # [B, T, H, E], [B, T, K, E]
         v = self.v(x).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)  # [B, T, K, E]
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             out = causal_attention(q, k, v, cfg)
         else:

@@ -171,6 +171,9 @@ def test_analyze_a_relora_run_end_to_end_with_its_errors(tiny_cfg, tmp_path, cap
         assert sorted(p.name for p in (run / "analysis" / metric / split).iterdir()) == ["0.json", "1.json", "2.json", "3.json"]
     record = json.loads((run / "analysis" / "per" / "train" / "1.json").read_text())
     assert (record["metric"], record["split"], record["step"]) == ("per", "train", 1)
+    heads = json.loads((run / "analysis" / "head_entropy" / "train" / "0.json").read_text())["values"]["attention"]
+    assert list(heads) == [f"blocks.{i}.attention{h}" for i in range(2) for h in ["", *(f".head.{h}" for h in range(4))]]
+    assert heads["blocks.0.attention"] == pytest.approx(np.mean([heads[f"blocks.0.attention.head.{h}"] for h in range(4)]))
     names = [f"blocks.{i}.{c}" for i in range(2) for c in (
         "attention.o", "attention.o.base", "attention.o.update", *(f"attention.ov.{h}" for h in range(4)), "attention.ov_all",
         "attention.v", "attention.v.base", "attention.v.update", "swiglu.down", "swiglu.down.base", "swiglu.down.update")]

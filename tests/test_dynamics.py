@@ -6,6 +6,7 @@ from flax import nnx
 import train
 from snapshots import load as load_dynamics
 from loss import loss_fn
+from model import rope_tables
 
 
 def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
@@ -16,7 +17,7 @@ def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
     for step in (0, 2, 4):
         snap = load_dynamics(t.run_dir, step)
         assert {k[0] for k in snap} == {"train", "eval"}
-        assert {k[1] for k in snap} == {"activations", "weights", "gradients", "tokens"}  # no ReLoRA terms
+        assert {k[1] for k in snap} == {"activations", "weights", "gradients", "tokens", "head_entropy"}  # no ReLoRA
         for split, n in (("train", 16), ("eval", 8)):
             for i in range(c.n_layers):
                 assert snap[(split, "activations", f"blocks.{i}.attention.v")].shape == (n, c.n_kv_heads * c.head_dim)
@@ -38,6 +39,17 @@ def test_snapshots_hold_activations_weights_gradients_and_the_batch(tiny_cfg):
     grads = nnx.grad(loss_fn)(model, tokens)
     np.testing.assert_allclose(snap[("train", "gradients", "blocks.1.attention.o")],
                                grads["blocks"][1]["attention"]["o"]["kernel"][...], rtol=1e-4, atol=1e-7)
+    # block 0's attention entropy per head, from its probabilities written out
+    rope = rope_tables(jnp.broadcast_to(jnp.arange(c.seq_len), tokens[:, :-1].shape), c.head_dim, c.rope_theta)
+    q, k = block.attention.queries_keys(block.attention_norm(x), rope)
+    k = np.repeat(np.asarray(k), c.n_heads // c.n_kv_heads, axis=2)
+    s = np.einsum("bthe,bshe->bhts", np.asarray(q, np.float64), k) / np.sqrt(c.head_dim)
+    s = np.where(np.tril(np.ones((c.seq_len, c.seq_len), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), -1).mean((0, 2))  # [H]
+    np.testing.assert_allclose(snap[("train", "head_entropy", "blocks.0.attention")], entropy, rtol=1e-5)
+    assert (entropy < np.log(c.seq_len)).all()
     # the eval batch is the same at every step, so its activations change only with the parameters
     first, last = load_dynamics(t.run_dir, 0), snap
     assert not np.allclose(first[("eval", "activations", "blocks.0.attention.v")], last[("eval", "activations", "blocks.0.attention.v")])
@@ -65,4 +77,5 @@ def test_relora_layers_store_their_effective_weight(tiny_cfg):
             np.testing.assert_array_equal(base, layer.kernel[...])
             np.testing.assert_allclose(update, layer.update(), rtol=1e-6, atol=1e-9)
             assert np.abs(update).max() > 0
-    assert {k[1] for k in snap} == {"activations", "weights", "weights_base", "weights_update", "gradients", "tokens"}
+    assert {k[1] for k in snap} == {"activations", "weights", "weights_base", "weights_update", "gradients", "tokens",
+                                   "head_entropy"}
