@@ -41,7 +41,7 @@ def test_each_checkpoint_goes_to_the_run_branch_as_pico_train_pushes_it(hub, tin
         return upload(self, *args)
 
     def finish(self, final):
-        seen_at_finish.append(list(self.hub.uploaded))
+        seen_at_finish.append(list(self.saver.hub.uploaded))
         gate.set()
         return train.Trainer.finish.__wrapped__(self, final)
 

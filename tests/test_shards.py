@@ -75,7 +75,7 @@ def test_a_run_trains_on_shards_with_validation_and_the_dynamics_batch_from_shar
     s = snapshots.load(tmp_path / "run", 1)
     np.testing.assert_array_equal(s[("train", "tokens", None)], rows[16:32])  # the batch of step 1 (next update)
     assert s[("eval", "activations", "blocks.0.attention.v")].shape[0] == cfg.eval.batch_size
-    assert "tinsy" in trainer.dynamics_rows.path and trainer.dynamics_rows.n_rows == 16
+    assert "tinsy" in trainer.saver.dynamics_rows.path and trainer.saver.dynamics_rows.n_rows == 16
     np.testing.assert_array_equal(trainer.valid_rows.read(np.arange(24)), val)  # the folder's val shard
 
 
