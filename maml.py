@@ -244,7 +244,10 @@ def recomputing_grads(meta: MetaConfig, model_def, params, rest, tokens, key, ma
         adapted = head
         for _ in range(meta.inner_steps):
             frozen = jax.lax.stop_gradient(p) if meta.order == 1 else p
-            hs = features(frozen, xm)[:, sup].reshape(len(tokens) * meta.k_shot, -1)
+            # + 0 x (this step's head): the features are computed again, as pico-maml does, instead of XLA sharing
+            # one computation between the steps (the same numbers: the head is finite)
+            zero = 0.0 * jax.lax.stop_gradient(adapted[0][0][0, 0])
+            hs = features(jax.tree.map(lambda x: x + zero, frozen), xm)[:, sup].reshape(len(tokens) * meta.k_shot, -1)
             g = jax.grad(lambda a: head_loss(a, hs, ys)[0])(adapted)
             if meta.order == 1:
                 g = jax.lax.stop_gradient(g)
@@ -263,8 +266,8 @@ class Objective:
     gradient function `ar(params, tokens) -> (loss, grads)` into one of (params, tokens, index) -> (loss, grads,
     metrics) that takes a meta episode instead with probability hybrid_ratio, drawn from (seed, step, index)."""
 
-    def __init__(self, meta: MetaConfig, mask: int):
-        self.meta, self.mask = meta, mask
+    def __init__(self, meta: MetaConfig, mask: int, recompute: bool = False):
+        self.meta, self.mask, self.recompute = meta, mask, recompute  # recompute: pico-maml's schedule (benchmarks)
 
     def micro_grads(self, ar, model_def, rest, step):
         meta = self.meta
@@ -275,6 +278,10 @@ class Objective:
             return loss, grads, zeros
 
         def meta_branch(params, tokens, key):
+            if self.recompute:
+                value, grads = recomputing_grads(meta, model_def, params, rest, tokens, key, self.mask)
+                return value, grads, dict(zeros, meta_batches=jnp.ones(()), query_loss=value)
+
             def loss(p):
                 return meta_loss(meta, nnx.merge(model_def, p, rest), tokens, key, self.mask)
             (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)

@@ -5,6 +5,8 @@
     python benchmarks/throughput.py --preset picodo1                  # Picodo's CPU shape 1 (below)
     python benchmarks/throughput.py --preset picodo2                  # Picodo's CPU shape 2
     python benchmarks/throughput.py --real --relora -cn relora        # the ReLoRA step on the built-in corpus
+    python benchmarks/throughput.py --maml -cn maml                   # meta step vs next-token step vs pico-maml's
+    python benchmarks/throughput.py --maml --preset picodo2           # the same at Picodo's shape 2
     python benchmarks/throughput.py --sweep-sizes tiny,small,medium,large model.seq_len=256 data.batch_size=8
     python benchmarks/throughput.py --sweep-devices 1,2,4,8 data.batch_size=16   # virtual CPU devices, FSDP
 
@@ -30,6 +32,11 @@ Picodo's CPU baseline (issue #8): on a 2-core AVX-512 machine, fp32, vocab 50257
 not tokens/s) and reports `vs_picodo` = our model FLOP/s over Picodo's; the target is >= 1.25, with the achieved
 FLOP/s >= 50% of the matmul peak measured in the same run. Run it on an otherwise idle machine.
 
+`--maml` times three train steps on one state, alternating one step of each per round: next-token prediction, a
+meta episode (maml.py, hybrid_ratio 1: every micro-batch an episode; the model.maml block of the config, else
+configs/maml.yaml's) and the same episode as pico-maml computes it (maml.recomputing_grads: the backbone run again
+at each inner step); it reports each one's median and their ratios to the next-token step.
+
 Sweeps run each point in a subprocess (the device count must be fixed before jax starts) and print a table:
 `--sweep-sizes` adds `size=NAME` (configs/size/), `--sweep-devices` runs on N virtual CPU devices (or the first N
 accelerators) with `mesh.data=1 mesh.fsdp=N`, showing per-device parameter and optimizer bytes falling as 1/N.
@@ -45,6 +52,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -55,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 import config  # noqa: E402
 import data  # noqa: E402
 import host  # noqa: E402
+import maml  # noqa: E402
 import steps  # noqa: E402
 import train_state  # noqa: E402
 from model import BATCH_AXES, count_params  # noqa: E402
@@ -84,6 +93,7 @@ def parse(argv=None):
     p.set_defaults(real=False)
     p.add_argument("--relora", action="store_true", help="time the ReLoRA step (configs/relora.yaml's model.relora "
                                                          "unless the config has one; no warm start)")
+    p.add_argument("--maml", action="store_true", help="meta step vs next-token step vs pico-maml's recomputation")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--sweep-sizes", help="comma-separated pico sizes (configs/size/), one subprocess each")
@@ -158,6 +168,43 @@ def measure(a) -> dict:
                 param_bytes_per_device=param_bytes, opt_bytes_per_device=opt_bytes, loss=float(m["loss"]))
 
 
+def measure_maml(a) -> dict:
+    """Median step seconds of the next-token, meta and recomputing-meta train steps, alternated on one state."""
+    cfg = compose(a)
+    block = cfg.model.maml or OmegaConf.load(ROOT / "configs" / "maml.yaml").model.maml
+    cfg.model.maml = OmegaConf.merge(block, {"hybrid_ratio": 1.0})
+    config.check_keys(cfg)
+    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    mcfg, plan, _, graphdef, state = train_state.build(cfg, mesh)
+    meta, B, T = maml.config_of(cfg), cfg.data.batch_size, mcfg.seq_len
+    variants = dict(next_token=None, meta=maml.Objective(meta, mcfg.vocab_size - 1),
+                    meta_recomputing=maml.Objective(meta, mcfg.vocab_size - 1, recompute=True))
+    sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+    tokens = jax.device_put(np.random.default_rng(0).integers(0, mcfg.vocab_size - 1, (B, T + 1), np.int32), sharding)
+    compiled, states, times = {}, {}, {k: [] for k in variants}
+    with jax.set_mesh(mesh):
+        for name, obj in variants.items():
+            states[name] = jax.tree.map(jnp.copy, state)
+            compiled[name] = steps.jit_train_step(graphdef, states[name], mesh, plan, cfg.data.grad_accum,
+                                                  objective=obj).lower(states[name], tokens).compile()
+        for i in range(a.warmup + a.steps):
+            for name in variants:  # alternated: the machine's drift hits every variant alike
+                t = time.perf_counter()
+                states[name], m = compiled[name](states[name], tokens)
+                jax.block_until_ready((states[name], m))
+                if i >= a.warmup:
+                    times[name].append(time.perf_counter() - t)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    r = dict(config=a.config_name, preset=a.preset, device=jax.devices()[0].device_kind, n_devices=mesh.size,
+             batch_size=B, seq_len=T, inner_steps=meta.inner_steps, **{f"{k}_step_s": v for k, v in med.items()})
+    r.update(meta_vs_next_token=med["meta"] / med["next_token"],
+             recomputing_vs_next_token=med["meta_recomputing"] / med["next_token"])
+    print(f"{r['device']} x{r['n_devices']} | batch {B} x seq {T}, {meta.inner_steps} inner steps")
+    for k, v in med.items():
+        print(f"{k:18} {v * 1e3:8.1f} ms  {v / med['next_token']:.2f}x")
+    return r
+
+
 def report(r: dict, picodo: float | None = None):
     print(f"{r['device']} x{r['n_devices']} | {r['params'] / 1e6:.2f}M params, {r['dtype']}, batch {r['batch_size']} "
           f"x seq {r['seq_len']}")
@@ -218,6 +265,9 @@ def main(argv=None):
         print(json.dumps(dict(sweep=sweep(a, argv))))
         return
     logging.getLogger("jax").setLevel(logging.WARNING)
+    if a.maml:
+        print(json.dumps(measure_maml(a)))
+        return
     r = measure(a)
     picodo = PRESETS[a.preset][1] if a.preset else None
     if picodo:
