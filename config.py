@@ -79,5 +79,10 @@ def check_keys(cfg, ref=None, prefix: str = ""):
     ref = OmegaConf.load(CONFIGS / "base.yaml") if ref is None else ref
     reject_unknown(cfg, ref, prefix)
     for k in cfg:
-        if OmegaConf.is_dict(cfg[k]) and OmegaConf.is_dict(ref[k]) and f"{prefix}{k}" not in FREE_BLOCKS:
-            check_keys(cfg[k], ref[k], f"{prefix}{k}.")
+        if f"{prefix}{k}" in FREE_BLOCKS or not OmegaConf.is_dict(ref[k]):
+            continue
+        if not OmegaConf.is_dict(cfg[k]):  # e.g. wandb=disabled, which would fail deep inside the run
+            keys = [str(x) for x in ref[k]]
+            raise ConfigError(f"{prefix}{k}={cfg[k]}: {prefix}{k} is a block of keys {keys}, not a value; set one "
+                              f"of them, e.g. {prefix}{k}.{keys[0]}={cfg[k]}")
+        check_keys(cfg[k], ref[k], f"{prefix}{k}.")

@@ -134,6 +134,11 @@ def test_unknown_key_appended(tiny_cfg):
         train.Trainer(cfg)
 
 
+def test_a_value_for_a_block_names_its_keys(tiny_cfg):
+    with pytest.raises(ConfigError, match=words("wandb=disabled: wandb is a block of keys", "wandb.mode=disabled")):
+        train.Trainer(tiny_cfg("wandb=disabled"))  # it used to fail in the run: 'str' object has no attribute 'mode'
+
+
 def cli(tmp_path, *overrides):
     """Run `python main.py overrides...` as a user would; Hydra's output folder goes into tmp_path."""
     env = dict(os.environ, WANDB_MODE="disabled")
