@@ -25,10 +25,10 @@ def curves(run: Path) -> dict:
     history = json.loads((run / "metrics.json").read_text())["history"]
     evals = [(h["step"], h["tokens"], h["val_loss"]) for h in history if "val_loss" in h]
     meta = [(h["step"], h["support_acc"], h["query_acc"]) for h in history if h.get("meta_batches")]
-    rank = analyze.analyze(run, metrics=["per"], split="eval", out=run / "analysis")["per"]
-    ent = analyze.analyze(run, metrics=["head_entropy"], split="eval", out=run / "analysis")["head_entropy"]
-    per = {s: float(np.mean([v for c, v in r["weights"].items() if ".ov" not in c])) for s, r in rank.items()}
-    heads = {s: float(np.mean([v for c, v in r["attention"].items() if ".head." in c])) for s, r in ent.items()}
+    found = analyze.analyze(run, metrics=["per", "head_entropy"], split="eval", out=run / "analysis")
+    per = {s: float(np.mean([v for c, v in r["weights"].items() if ".ov" not in c])) for s, r in found["per"].items()}
+    heads = {s: float(np.mean([v for c, v in r["attention"].items() if ".head." in c]))
+             for s, r in found["head_entropy"].items()}
     return dict(evals=evals, meta=meta, per=per, entropy=heads)
 
 
