@@ -1,10 +1,10 @@
-"""The training loop: steps, logging, and the calls to evaluation (evaluation.py) and checkpoints (saving.py).
+"""The training loop: steps, and the calls to evaluation (evaluation.py), checkpoints (saving.py) and the log
+(runlog.py).
 
 Each jitted step (steps.py) takes the state (donated; train_state.py builds it) and a global batch and returns the
 new state and device-side metrics; the host reads metrics only every `train.log_every` steps. End-of-run lm-eval
 tasks are not the loop's: main.py runs them on the final checkpoint (lmeval.after_training).
 """
-import json
 import math
 import signal
 import threading
@@ -35,6 +35,7 @@ from config import ConfigError
 from evaluation import Evaluator
 from host import peak_flops, throughput
 from model import BATCH_AXES, LanguageModel, count_params
+from runlog import RunLog
 from saving import Saver
 from steps import check_batch, jit_eval_step, jit_train_step
 
@@ -134,7 +135,7 @@ class Trainer:
         tokenizer = self.data_dir / "tokenizer.json"
         self.objective, self.mask_note = maml.objective(maml.config_of(cfg), self.mcfg,
                                                         prepare.load_tokenizer(tokenizer) if tokenizer.exists() else None)
-        self.meter, self.wandb, self.history, self.last_eval = Meter(maml.PER_META), None, [], None
+        self.meter, self.record, self.last_eval = Meter(maml.PER_META), RunLog(self.run_dir, self.is_main), None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
         self.accelerator, self.memory_note = chips.here(), None
@@ -150,9 +151,7 @@ class Trainer:
                               f"checkpoint.auto_resume=false; use a new run_dir, or auto_resume=true to continue")
         self.graphdef, self.state, loop = train_state.restore(self.ckpt, latest, self.mcfg, self.relora, self.graphdef,
                                                             self.state, self.mesh, self.cfg.model.get("maml"))
-        metrics = self.run_dir / "metrics.json"  # the history of earlier runs of this run_dir, up to the step
-        if metrics.exists():
-            self.history = [h for h in json.loads(metrics.read_text())["history"] if h["step"] <= loop["step"]]
+        self.record.resume(loop["step"])
         if self.is_main:
             print(f"resumed from {self.ckpt.step_dir(latest)} (step {latest})")
         return loop["step"]
@@ -183,14 +182,6 @@ class Trainer:
         """<set>_loss and <set>_ppl of every validation set (val: the run's validation data; eval.sets)."""
         return self.evaluator.losses(self.eval_step, self.state)
 
-    def log(self, metrics: dict, step: int, bar=None):
-        if not self.is_main:
-            return
-        if self.wandb:
-            self.wandb.log(metrics, step=step)
-        line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        (bar.write if bar is not None else print)(f"step {step}: {line}")
-
     def check_finite(self, step: int):
         """Stop on a NaN / inf loss (train.nan_policy=stop) before anything is saved from the bad state."""
         bad = int(self.meter.bad)
@@ -217,19 +208,11 @@ class Trainer:
         m.update(ppl=math.exp(min(m["loss"], 50.0)), lr=float(self.schedule(step - 1)),
                  tokens_per_s=tp["tokens_per_s"], mfu=tp["mfu"], tokens=self.tokens_seen(step))
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tp['tokens_per_s']:,.0f}", mfu=f"{m['mfu']:.1%}")
-        self.log(m, step, bar)
-        self.history.append(dict(step=step, **m))
+        self.record.train(step, m, bar)
         self.check_finite(step)
 
     def tokens_seen(self, step: int) -> int:
         return step * self.cfg.data.batch_size * self.mcfg.seq_len
-
-    def record_eval(self, step: int, ev: dict):
-        """Put an evaluation into the history (into the entry of its step when that step was logged), with the
-        tokens seen, so that validation loss can be plotted against tokens."""
-        if not (self.history and self.history[-1]["step"] == step):
-            self.history.append(dict(step=step, tokens=self.tokens_seen(step)))
-        self.history[-1].update({k: v for k, v in ev.items() if k != "step"})
 
     def between_steps(self, done: int, bar):
         """ReLoRA's wrap or merge-and-reset after step `done`, when its plan has one (nothing in full-rank runs)."""
@@ -238,7 +221,7 @@ class Trainer:
             self.graphdef = graphdef
             self.jit_steps()
         if event:
-            self.log(event, done, bar)
+            self.record.log(event, done, bar)
 
     def start(self):
         """Run directory, banner, W&B."""
@@ -260,15 +243,7 @@ class Trainer:
         for note in notes:
             if note:
                 print(note)
-        if cfg.wandb.mode != "disabled":
-            import wandb
-            self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.name,
-                                    mode=cfg.wandb.mode, dir=str(self.run_dir), resume="allow",
-                                    config=OmegaConf.to_container(cfg, resolve=True),
-                                    settings=wandb.Settings(silent=True, console="off"))
-            print(f"W&B ({cfg.wandb.mode}): {self.wandb.dir}"
-                  + ("  (upload later with `wandb sync`)" if cfg.wandb.mode == "offline" else ""))
-            self.wandb.summary["params"] = self.n_params
+        self.record.start_wandb(cfg, self.n_params)
 
     def run(self) -> dict:
         cfg, steps = self.cfg, self.cfg.train.steps
@@ -290,8 +265,8 @@ class Trainer:
                     self.log_train(done, bar)
                 if cfg.eval.every_steps and done % cfg.eval.every_steps == 0 and done != steps:
                     self.last_eval = dict(step=done, **self.evaluate())  # stored with the next checkpoint
-                    self.log(self.last_eval, done, bar)
-                    self.record_eval(done, self.last_eval)
+                    self.record.log(self.last_eval, done, bar)
+                    self.record.evaluation(done, self.last_eval, self.tokens_seen(done))
                 stopping = stop.agreed(sync=is_log)  # every process stops at the same step
                 every = cfg.checkpoint.every_steps
                 if stopping or (every and done % every == 0 and done != steps):
@@ -302,13 +277,13 @@ class Trainer:
         if stopping:
             return self.finish(dict(step=self.saved_step, interrupted=stop.requested or "stop (another process)"))
         evals = self.evaluate()
-        final = dict(step=steps, train_loss=self.history[-1]["loss"], **evals)
+        final = dict(step=steps, train_loss=self.record.history[-1]["loss"], **evals)
         self.last_eval = dict(step=steps, **evals)
-        self.record_eval(steps, self.last_eval)
+        self.record.evaluation(steps, self.last_eval, self.tokens_seen(steps))
         self.save(steps)  # after the final evaluation, which it stores
         final["unigram_entropy"] = data.unigram_entropy(self.train_rows.sample(data.SCAN_LIMIT), self.mcfg.vocab_size)
         final.update(self.evaluator.diversity(self.model), params=self.n_params, tokens=self.tokens_seen(steps))
-        self.log(final, steps)
+        self.record.log(final, steps)
         sample = self.evaluator.sample(self.model) if cfg.sample.max_new_tokens else None
         if self.is_main:
             print(f"validation loss {final['val_loss']:.3f} nats (perplexity {final['val_ppl']:.1f}) vs "
@@ -323,13 +298,9 @@ class Trainer:
 
     def finish(self, final: dict) -> dict:
         self.saver.finish()
-        if self.is_main:
-            if final.get("interrupted"):
-                print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")
-            (self.run_dir / "metrics.json").write_text(json.dumps(dict(final=final, history=self.history), indent=1))
-            if self.wandb:
-                self.wandb.summary.update(final)
-                self.wandb.finish()
+        if self.is_main and final.get("interrupted"):
+            print(f"{final['interrupted']}: saved step {final['step']} to {self.ckpt.dir}; run again to resume")
+        self.record.finish(final)
         return final
 
 

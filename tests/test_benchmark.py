@@ -72,7 +72,7 @@ def test_training_log_mfu_is_the_benchmark_formula(tiny_cfg, monkeypatch):
     monkeypatch.setattr(train, "throughput", lambda *a: calls.append(real(*a)) or calls[-1])
     t = train.Trainer(tiny_cfg("train.steps=2", "train.log_every=2", "sample.n_samples=0"))
     t.run()
-    logged = t.history[-1]
+    logged = t.record.history[-1]
     assert len(calls) == 1
     assert logged["mfu"] == calls[0]["mfu"] and logged["tokens_per_s"] == calls[0]["tokens_per_s"]
     assert calls[0]["mfu"] == pytest.approx(calls[0]["tokens_per_s"] * t.mcfg.flops_per_token() / t.peak[0])
