@@ -75,6 +75,20 @@ def test_two_gpus_cudnn_attention_compiles_with_accumulation_and_data_parallel()
         assert aot.attention_in(train.text, "gpu") == ("cudnn", 4)
 
 
+@pytest.mark.parametrize("spec", ["tpu:v5e-4", "gpu:h100x2"])
+def test_accumulation_plans_at_most_one_gradient_more(spec):
+    """data.grad_accum at the same micro-batch (8 sequences): the loop's accumulator, one gradient per device, and
+    nothing that grows with the micro-batch count (each micro-batch's gradient is added as it comes, not kept)."""
+    compile_target(spec)
+    plan = {}
+    for accum in (1, 2, 4):
+        b = aot.build(config.compose("local", [*AOT_TINY, f"data.batch_size={8 * accum}"]), spec)
+        plan[accum] = aot.compile_train(b, grad_accum=accum).memory.total
+    gradient = shard_bytes(b) / 3  # the state is the parameters and AdamW's two moments, all float32
+    assert 0 < plan[2] - plan[1] <= gradient, (plan, gradient)
+    assert plan[4] - plan[2] <= 0.01 * gradient, plan
+
+
 def test_gpu_float32_says_which_attention_it_takes():
     compile_target("gpu:h100")
     r = aot.analyze(config.compose("local", [*AOT_TINY, "model.dtype=float32"]), "gpu:h100", search=False)
