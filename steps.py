@@ -4,7 +4,6 @@ eval step, and their compiled form with the state donated and its shardings kept
 A module of its own because two callers compile exactly these programs: the trainer (train.py), which runs them,
 and aot.py, which compiles them for a target's chips without running them (memory, FLOPs, kernels).
 """
-import math
 from functools import partial
 
 import jax
@@ -82,12 +81,12 @@ def accumulator(grads, platform: str):
     small on a v5e-8: 48 -> 128, a 9 MiB gradient held in 25 MiB). Elsewhere as XLA chooses."""
     if platform != "tpu":
         return grads
-    sizes = jax.sharding.get_abstract_mesh().shape
+    mesh = jax.sharding.get_abstract_mesh()
 
     def held(g, spec):
-        axes = [() if a is None else (a,) if isinstance(a, str) else a for a in (*spec, None, None)]
-        rows, cols = (n // math.prod(sizes[a] for a in axes[i]) for i, n in enumerate(g.shape)) if g.ndim == 2 \
-            else (0, 0)
+        if g.ndim != 2:
+            return g
+        rows, cols = NamedSharding(mesh, spec).shard_shape(g.shape)
         return with_layout_constraint(g, Layout(major_to_minor=(1, 0))) if rows > cols else g
     return jax.tree.map(held, grads, nnx.get_partition_spec(grads))
 
