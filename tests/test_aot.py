@@ -3,6 +3,7 @@ XLA's TPU and GPU compilers for compile-only devices on this CPU host. Needs req
 plugin); without it these tests skip, except in CI, where they fail."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -96,6 +97,21 @@ def test_gpu_float32_says_which_attention_it_takes():
                                   "model.dtype=float32", found="xla", calls=0)
     assert "FALLBACK" not in aot.report(r) and "attention: flash attention in JAX" in aot.report(r)
 
+
+
+@pytest.mark.parametrize("spec", ["tpu:v5e-4", "gpu:h100x2"])
+def test_flash_attention_in_jax_runs_on_each_devices_rows_of_the_batch(spec):
+    """The plain-JAX flash path (model.attention=xla; TPUs at a seq_len the kernel refuses, float32 GPUs) under
+    FSDP: every score block is [B / n, K, G, 128, 128] on a device. XLA:TPU left alone computed them for the whole
+    batch on every chip (pico medium: 17.3 GiB per v5e chip against 6.8)."""
+    compile_target(spec)
+    cfg = config.compose("local", [*AOT_TINY, "model.attention=xla", "model.seq_len=256", "data.batch_size=16",
+                                   "mesh.fsdp=-1"])
+    b = aot.build(cfg, spec)
+    train = aot.compile_train(b)
+    assert aot.attention_in(train.text, b.target.chip.platform) == ("xla", 0)
+    blocks = set(re.findall(r"f32\[(\d+),2,2,128,128\]", train.text))  # [b, K, G, query block, key block]
+    assert blocks == {str(16 // len(b.mesh.devices.flat))}, blocks
 
 SHIPPED = [  # every shipped accelerator config on every chip its comment names, with the attention it must hold
     ("tpu", "tpu:v5e-8", "splash"), ("tpu", "tpu:v4-8", "splash"), ("gpu", "gpu:h100", "cudnn"),
