@@ -98,7 +98,6 @@ def test_gpu_float32_says_which_attention_it_takes():
     assert "FALLBACK" not in aot.report(r) and "attention: flash attention in JAX" in aot.report(r)
 
 
-
 @pytest.mark.parametrize("spec", ["tpu:v5e-4", "gpu:h100x2"])
 def test_flash_attention_in_jax_runs_on_each_devices_rows_of_the_batch(spec):
     """The plain-JAX flash path (model.attention=xla; TPUs at a seq_len the kernel refuses, float32 GPUs) under
@@ -112,6 +111,7 @@ def test_flash_attention_in_jax_runs_on_each_devices_rows_of_the_batch(spec):
     assert aot.attention_in(train.text, b.target.chip.platform) == ("xla", 0)
     blocks = set(re.findall(r"f32\[(\d+),2,2,128,128\]", train.text))  # [b, K, G, query block, key block]
     assert blocks == {str(16 // len(b.mesh.devices.flat))}, blocks
+
 
 SHIPPED = [  # every shipped accelerator config on every chip its comment names, with the attention it must hold
     ("tpu", "tpu:v5e-8", "splash"), ("tpu", "tpu:v4-8", "splash"), ("gpu", "gpu:h100", "cudnn"),
