@@ -181,7 +181,7 @@ class LSTM(LanguageModel):
         unchanged."""
         B, T = tokens.shape
         dtype = jnp.dtype(self.cfg.dtype)
-        x = self.embed[...].astype(dtype)[tokens]  # [B, T, M]
+        x = self.embed[...][tokens].astype(dtype)  # [B, T, M]
         valid = jnp.ones((B, T), bool) if start is None else (pos + jnp.arange(T))[None, :] >= start[:, None]
         states = self.init_cache(B, 0) if cache is None else cache
         new = []
@@ -229,10 +229,10 @@ class KGramMLP(LanguageModel):
         present = (windows >= 0)[..., None]  # [B, T, N, 1]
         ids = jnp.maximum(windows, 0)
         if c.embedding == "learned":
-            e = jnp.where(present, self.embed[...].astype(dtype)[ids], 0)  # [B, T, N, M]
+            e = jnp.where(present, self.embed[...][ids].astype(dtype), 0)  # [B, T, N, M]
             h = dense(e.reshape(B, T, -1), self.w_in[...].astype(dtype))  # [B, T, C]
         else:
-            rows = self.w_in[...].astype(dtype)[jnp.arange(c.k), ids]  # [B, T, N, C]
+            rows = self.w_in[...][jnp.arange(c.k), ids].astype(dtype)  # [B, T, N, C]
             h = jnp.where(present, rows, 0).sum(axis=2)
         h = jax.nn.silu(h + self.b_in[...].astype(dtype))
         for w, b in zip(self.hidden, self.hidden_bias):

@@ -435,12 +435,12 @@ class Decoder(LanguageModel):
         out and the positions of a row count from its start."""
         B, T = tokens.shape
         c = self.cfg
-        x = self.embed[...].astype(c.dtype)[tokens]  # [B, T, D]
+        x = self.embed[...][tokens].astype(c.dtype)  # [B, T, D]
         positions = jnp.broadcast_to(pos + jnp.arange(T), (B, T))
         if start is not None:
             positions = positions - start[:, None]
         if c.pos_encoding == "absolute":  # pads (negative positions) read row 0; attention masks them
-            x = x + self.pos_embed[...].astype(c.dtype)[jnp.clip(positions, 0, c.seq_len - 1)]
+            x = x + self.pos_embed[...][jnp.clip(positions, 0, c.seq_len - 1)].astype(c.dtype)
         rope = rope_tables(positions, c.head_dim, c.rope_theta) if c.pos_encoding == "rope" else None
         if cache is None:
             x, new_cache = self.run_blocks(x, rope), None
