@@ -14,6 +14,8 @@ import re
 import time
 
 import jax
+import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import config
@@ -191,6 +193,36 @@ def largest_micro_batch(b: Build) -> tuple[int | None, Program | None, int]:
     return best[0], best[1], n
 
 
+def shard_bytes(tree) -> int:
+    """Bytes on one device of a tree of arrays (or ShapeDtypeStructs) carrying NamedShardings."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def lower_bound(b: Build, grad_accum: int | None = None) -> float | None:
+    """Bytes per device that any plan of the decoder's train step needs (issue #23's yardstick, None for the other
+    families): the state as the run shards it (parameters, AdamW's moments) and one float32 gradient; the inputs
+    the backward pass keeps (each block's input under model.remat=block, else every block's activations); one
+    block's activations in the compute dtype, only those its backward pass cannot do without (the inputs of its
+    matmuls, q, k and v for attention's, and the MLP's pre-activations, from which the activation is recomputed);
+    and the float32 logits of one loss chunk (of the whole micro-batch without model.loss_chunk).
+    Temporaries of the optimizer update, collectives and kernels' scratch are left out, so a plan above it is
+    expected; benchmarks/RESULTS.md compares them (goal: within 2x)."""
+    m = b.mcfg
+    if getattr(m, "kind", "decoder") != "decoder" or not hasattr(m, "d_hidden"):
+        return None
+    accum = b.cfg.data.grad_accum if grad_accum is None else grad_accum
+    tokens = b.cfg.data.batch_size // accum // b.mesh.size * m.seq_len  # per device and micro-batch
+    model, _ = nnx.merge(b.graphdef, b.state)
+    gradient = shard_bytes(nnx.state(model, nnx.Param))  # parameters are float32, and so their gradients
+    # two norm outputs, q, attention's output; k, v; the MLP's pre-activations (SwiGLU: gate and up)
+    width = 4 * m.d_model + 2 * m.n_kv_heads * m.head_dim + (2 if m.mlp == "swiglu" else 1) * m.d_hidden
+    block = tokens * width * np.dtype(m.dtype).itemsize
+    kept = m.n_layers * tokens * m.d_model * np.dtype(m.dtype).itemsize if m.remat == "block" \
+        else m.n_layers * block
+    logits = min(m.loss_chunk or tokens, tokens) * m.vocab_size * 4
+    return shard_bytes(b.state) + gradient + kept + block + logits
+
+
 REMAT_FLOPS = {"none": 1.0, "dots": 1.0, "block": 4 / 3}  # model.remat=block recomputes the forward (2 of 6)
 
 
@@ -250,7 +282,8 @@ def analyze(cfg, spec: str, search: bool = True) -> dict:
                eval=dataclasses.asdict(evaluate.memory) | dict(total=evaluate.memory.total),
                fits=fits(train, b) and fits(evaluate, b), compile_s=dict(train=train.seconds, eval=evaluate.seconds),
                attention=dict(expected=expected, why=why, found=found, calls=calls),
-               roofline=roofline(train, b, c.data.grad_accum) if train.memory.error is None else None)
+               roofline=roofline(train, b, c.data.grad_accum) if train.memory.error is None else None,
+               lower_bound=lower_bound(b))
     if b.plan.cfg and b.plan.wrapped_at(0) is None:  # ReLoRA's step after the warm start, a program of its own
         wrapped = compile_train(build(cfg, spec, wrapped=True))
         out["relora_train"] = dataclasses.asdict(wrapped.memory) | dict(total=wrapped.memory.total)
@@ -280,6 +313,9 @@ def report(r: dict) -> str:
              + (f" (HBM {gb(r['hbm'])}; jax preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)"
                 if r["hbm"] != lim and r["target"].startswith("gpu") else ""),
              f"eval step, per device: total {gb(e['total'])}"]
+    if r.get("lower_bound") and not t["error"]:
+        lines.append(f"lower bound for the train step (state, one gradient, kept activations, one block's, one loss "
+                     f"chunk's logits): {gb(r['lower_bound'])}; the plan is {t['total'] / r['lower_bound']:.2f}x it")
     if "relora_train" in r:
         lines.append(f"ReLoRA's train step after its warm start, per device: total {gb(r['relora_train']['total'])}")
     for name, m in (("train", t), ("eval", e), ("ReLoRA train", r.get("relora_train"))):

@@ -3,6 +3,7 @@
     python benchmarks/aot.py                                     # every size on every target (hours on 2 cores)
     python benchmarks/aot.py --sizes tiny,small --targets gpu:h100,tpu:v5e-8
     python benchmarks/aot.py --sizes medium --targets tpu:v5e-8 model.remat=block   # overrides after the flags
+    python benchmarks/aot.py --per-chip 4 --targets tpu:v5e-8,gpu:h100   # plan against aot.lower_bound, no search
 
 Each point is `-cn tpu` (TPU targets) or `-cn gpu` (GPU targets) with size=NAME, model.seq_len=2048 and a global
 batch of 1024 sequences, compiled by aot.py for the target's compile-only devices: the largest micro-batch whose
@@ -52,6 +53,25 @@ def point(size: str, spec: str, overrides) -> dict:
     return row
 
 
+def bound_point(size: str, spec: str, per_chip: int, overrides) -> dict:
+    """The train step at `per_chip` sequences per chip (grad_accum 1, no search) against aot.lower_bound."""
+    tgt = chips.target(spec)
+    cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", "data.grad_accum=1",
+                                             f"data.batch_size={per_chip * tgt.count}", f"eval.batch_size={tgt.count}",
+                                             *overrides])
+    b = aot.build(cfg, spec)
+    train, bound = aot.compile_train(b), aot.lower_bound(b)
+    m = train.memory
+    return dict(size=size, target=spec, per_chip=per_chip, train_gib=m.total / aot.GIB,
+                arguments_gib=m.arguments / aot.GIB, temporaries_gib=m.temporaries / aot.GIB,
+                bound_gib=bound / aot.GIB, ratio=m.total / bound, compile_s=train.seconds, error=m.error)
+
+
+def bound_markdown(r: dict) -> str:
+    return (f"| {r['size']} | {r['target']} | {r['per_chip']} | {r['train_gib']:.2f} ({r['arguments_gib']:.2f} + "
+            f"{r['temporaries_gib']:.2f}) | {r['bound_gib']:.2f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} s |")
+
+
 def markdown(r: dict) -> str:
     if r.get("micro_batch") is None:
         return f"| {r['size']} | {r['target']} | no micro-batch fits | | | | | |"
@@ -64,19 +84,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--per-chip", type=int, default=0, help="instead of the search: the train step at this many "
+                   "sequences per chip, its plan against aot.lower_bound")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every point, e.g. model.remat=block")
     a = p.parse_args(argv)
     aot.compile_only_host()
-    print("| size | target | largest micro-batch | train GiB / usable per chip | eval GiB | MFU ceiling | "
-          "attention | compile (one train step) |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    if a.per_chip:
+        header = ("| size | target | sequences per chip | train GiB per chip (arguments + temporaries) | lower bound GiB "
+                  "| plan / bound | compile |")
+        measure, row = (lambda size, spec: bound_point(size, spec, a.per_chip, a.overrides)), bound_markdown
+    else:
+        header = ("| size | target | largest micro-batch | train GiB / usable per chip | eval GiB | MFU ceiling | "
+                  "attention | compile (one train step) |")
+        measure, row = (lambda size, spec: point(size, spec, a.overrides)), markdown
+    print(header)
+    print("|---" * header.count(" | ") + "|---|", flush=True)
     rows = []
     for size in a.sizes.split(","):
         for spec in a.targets.split(","):
-            rows.append(point(size, spec, a.overrides))
-            print(markdown(rows[-1]), flush=True)
+            rows.append(measure(size, spec))
+            print(row(rows[-1]), flush=True)
     print(json.dumps(dict(points=rows)))
-
 
 if __name__ == "__main__":
     main()
