@@ -23,7 +23,7 @@ import maml
 import train_state
 from chips import Target, target
 from config import ConfigError
-from model import BATCH_AXES
+from model import BATCH_AXES, ModelConfig
 from steps import check_batch, jit_eval_step, jit_train_step
 
 GIB = 1 << 30  # memory is printed in GiB, as XLA's messages print it ("15.75G")
@@ -208,7 +208,7 @@ def lower_bound(b: Build, grad_accum: int | None = None) -> float | None:
     Temporaries of the optimizer update, collectives and kernels' scratch are left out, so a plan above it is
     expected; benchmarks/RESULTS.md compares them (goal: within 2x)."""
     m = b.mcfg
-    if getattr(m, "kind", "decoder") != "decoder" or not hasattr(m, "d_hidden"):
+    if not isinstance(m, ModelConfig):  # the LSTM and k-gram families (families.py)
         return None
     accum = b.cfg.data.grad_accum if grad_accum is None else grad_accum
     tokens = b.cfg.data.batch_size // accum // b.mesh.size * m.seq_len  # per device and micro-batch

@@ -68,6 +68,7 @@ def test_tiny_run_compiles_sharded_with_its_kernel(spec, kernel):
     # the yardstick of benchmarks/RESULTS.md: the state, a gradient and the activations no plan can do without
     bound = aot.lower_bound(b)
     assert per_device * 4 / 3 < bound <= train.memory.total, (bound, train.memory)
+    assert aot.lower_bound(aot.build(config.compose("local", ["study=lstm_tiny"]), spec)) is None  # decoder only
 
 
 def test_two_gpus_cudnn_attention_compiles_with_accumulation_and_data_parallel():
