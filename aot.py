@@ -198,7 +198,7 @@ def shard_bytes(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def lower_bound(b: Build, grad_accum: int | None = None) -> float | None:
+def lower_bound(b: Build) -> float | None:
     """Bytes per device that any plan of the decoder's train step needs (issue #23's yardstick, None for the other
     families): the state as the run shards it (parameters, AdamW's moments) and one float32 gradient; the inputs
     the backward pass keeps (each block's input under model.remat=block, else every block's activations); one
@@ -210,15 +210,14 @@ def lower_bound(b: Build, grad_accum: int | None = None) -> float | None:
     m = b.mcfg
     if not isinstance(m, ModelConfig):  # the LSTM and k-gram families (families.py)
         return None
-    accum = b.cfg.data.grad_accum if grad_accum is None else grad_accum
-    tokens = b.cfg.data.batch_size // accum // b.mesh.size * m.seq_len  # per device and micro-batch
+    tokens = b.cfg.data.batch_size // b.cfg.data.grad_accum // b.mesh.size * m.seq_len  # per device, micro-batch
+    act = np.dtype(m.dtype).itemsize
     model, _ = nnx.merge(b.graphdef, b.state)
     gradient = shard_bytes(nnx.state(model, nnx.Param))  # parameters are float32, and so their gradients
     # two norm outputs, q, attention's output; k, v; the MLP's pre-activations (SwiGLU: gate and up)
     width = 4 * m.d_model + 2 * m.n_kv_heads * m.head_dim + (2 if m.mlp == "swiglu" else 1) * m.d_hidden
-    block = tokens * width * np.dtype(m.dtype).itemsize
-    kept = m.n_layers * tokens * m.d_model * np.dtype(m.dtype).itemsize if m.remat == "block" \
-        else m.n_layers * block
+    block = tokens * width * act
+    kept = m.n_layers * (tokens * m.d_model * act if m.remat == "block" else block)
     logits = min(m.loss_chunk or tokens, tokens) * m.vocab_size * 4
     return shard_bytes(b.state) + gradient + kept + block + logits
 

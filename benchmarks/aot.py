@@ -31,14 +31,19 @@ SIZES = ("tiny", "small", "medium", "large", "1b")
 TARGETS = ("gpu:h100", "gpu:h100x8", "gpu:h200x8", "tpu:v4-8", "tpu:v5e-8", "tpu:v5p-8", "tpu:v5e-256")
 
 
-def point(size: str, spec: str, overrides) -> dict:
+def built(size: str, spec: str, batch: int, overrides) -> aot.Build:
+    """`size` at seq 2048 and `batch` sequences in one micro-batch, as -cn tpu / -cn gpu would run it on `spec`."""
     tgt = chips.target(spec)
-    cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", "data.batch_size=1024",
+    cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", f"data.batch_size={batch}",
                                              "data.grad_accum=1", f"eval.batch_size={tgt.count}", *overrides])
     fsdp = math.gcd(tgt.count, cfg.model.d_model)
     if fsdp != tgt.count and cfg.mesh.fsdp == -1:  # e.g. pico tiny (d_model 96) on a v5e-256: FSDP over 32, data 8
         cfg.mesh.fsdp, cfg.mesh.data = fsdp, tgt.count // fsdp
-    b = aot.build(cfg, spec)
+    return aot.build(cfg, spec)
+
+
+def point(size: str, spec: str, overrides) -> dict:
+    b = built(size, spec, 1024, overrides)
     t = time.perf_counter()
     micro, train, n = aot.largest_micro_batch(b)
     row = dict(size=size, target=spec, micro_batch=micro, compiles=n, search_s=time.perf_counter() - t)
@@ -55,11 +60,7 @@ def point(size: str, spec: str, overrides) -> dict:
 
 def bound_point(size: str, spec: str, per_chip: int, overrides) -> dict:
     """The train step at `per_chip` sequences per chip (grad_accum 1, no search) against aot.lower_bound."""
-    tgt = chips.target(spec)
-    cfg = config.compose(tgt.chip.platform, [f"size={size}", "model.seq_len=2048", "data.grad_accum=1",
-                                             f"data.batch_size={per_chip * tgt.count}", f"eval.batch_size={tgt.count}",
-                                             *overrides])
-    b = aot.build(cfg, spec)
+    b = built(size, spec, per_chip * chips.target(spec).count, overrides)
     train, bound = aot.compile_train(b), aot.lower_bound(b)
     m = train.memory
     return dict(size=size, target=spec, per_chip=per_chip, train_gib=m.total / aot.GIB,
@@ -68,6 +69,8 @@ def bound_point(size: str, spec: str, per_chip: int, overrides) -> dict:
 
 
 def bound_markdown(r: dict) -> str:
+    if r["error"]:
+        return f"| {r['size']} | {r['target']} | {r['per_chip']} | refused by the compiler: {r['error']} | | | |"
     return (f"| {r['size']} | {r['target']} | {r['per_chip']} | {r['train_gib']:.2f} ({r['arguments_gib']:.2f} + "
             f"{r['temporaries_gib']:.2f}) | {r['bound_gib']:.2f} | {r['ratio']:.2f}x | {r['compile_s']:.0f} s |")
 
@@ -105,6 +108,7 @@ def main(argv=None):
             rows.append(measure(size, spec))
             print(row(rows[-1]), flush=True)
     print(json.dumps(dict(points=rows)))
+
 
 if __name__ == "__main__":
     main()
