@@ -161,11 +161,19 @@ def batch_of(b: Build, rows: int):
 
 def compile_train(b: Build, grad_accum: int | None = None) -> Program:
     """The train step as the trainer compiles it (steps.jit_train_step), at data.batch_size in `grad_accum`
-    micro-batches (default: data.grad_accum)."""
+    micro-batches (default: data.grad_accum). With accumulation that is three programs run one after another (zero
+    sums, one micro-batch's gradient added, the optimizer step): their texts together, the largest one's memory (each
+    counts what is on the device while it runs: the state, the sums, the batch) and XLA's costs."""
     c = b.cfg
     accum = c.data.grad_accum if grad_accum is None else grad_accum
     step = jit_train_step(b.graphdef, b.state, b.mesh, b.plan, accum, c.train.nan_policy == "skip", b.objective)
-    return compile_step("train", step, (b.state, batch_of(b, c.data.batch_size)), b.mesh)
+    with jax.set_mesh(b.mesh):
+        arguments = step.arguments(b.state, batch_of(b, c.data.batch_size))
+    programs = [compile_step(f"train {k}", step.programs[k], args, b.mesh) for k, args in arguments.items()]
+    largest = max(programs, key=lambda p: (p.memory.error is not None, p.memory.total))
+    costs = [p.cost for p in programs if p.cost]
+    return Program("train", largest.memory, max(costs, key=lambda x: x.get("flops", 0)) if costs else None,
+                   "\n".join(p.text for p in programs), sum(p.seconds for p in programs))
 
 
 def compile_eval(b: Build) -> Program:
@@ -229,8 +237,9 @@ def roofline(p: Program, b: Build, grad_accum: int) -> dict:
     """A lower bound on the step time per device, max(FLOPs / peak, bytes / HBM bandwidth), and the MFU it allows.
     FLOPs: the model's (the MFU formula's), with the forward pass once more under model.remat=block. Bytes: the
     arguments read and the outputs written, which any step moves at least. XLA's own counts (TPU) are shown beside
-    them, not used: its cost analysis counts a loop body once (grad_accum > 1, scan_layers) and the operands of
-    every fusion and kernel call, so it is neither a bound nor a measurement."""
+    them, not used: its cost analysis counts one micro-batch (grad_accum > 1: the accumulate program), a loop body
+    once (scan_layers) and the operands of every fusion and kernel call, so it is neither a bound nor a
+    measurement."""
     chip, c = b.target.chip, b.cfg
     peak = chip.bf16 if b.mcfg.dtype in ("bfloat16", "float16") else chip.fp32
     model_flops = b.mcfg.flops_per_token() * c.data.batch_size * b.mcfg.seq_len / b.mesh.size
@@ -337,8 +346,9 @@ def report(r: dict) -> str:
                          f"use model.remat=block, model.loss_chunk, or more chips")
     rf = r["roofline"]
     if rf:
+        looped = " (one micro-batch, a loop body counted once)" if rf["xla_looped"] else ""
         xla = (f"; XLA's cost analysis: {rf['xla_flops'] / 1e12:.2f} TFLOP, {gb(rf['xla_bytes'])} accessed"
-               + (" (a loop body counted once)" if rf["xla_looped"] else "")) if rf["xla_flops"] else ""
+               f"{looped}") if rf["xla_flops"] else ""
         lines.append(f"per device and step: model {rf['model_flops'] / 1e12:.2f} TFLOP (executed with remat "
                      f"{rf['executed_flops'] / 1e12:.2f}), at least {gb(rf['bytes'])} moved (arguments + outputs)"
                      f"{xla}")

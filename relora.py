@@ -269,21 +269,27 @@ def in_training(model, dropout_key):
     return nnx.with_attributes(model, only=LoRALinear, raise_if_not_found=False, dropout_key=dropout_key)
 
 
-def training_step(step_fn, cfg: ReLoRAConfig):
-    """step_fn(graphdef, state, tokens, dropout_key=..., **kw) (steps.train_step) given the LoRA dropout's key of
-    this step, drawn from (seed, Adam's step count) (the micro-batches of one step share it), with the trainable
-    scales' mean and std added to the metrics."""
-    def step(graphdef, state, tokens, **kw):
+def training_step(step_fn, cfg: ReLoRAConfig, finish: bool = True):
+    """step_fn(graphdef, state, *args, dropout_key=..., **kw) (steps.train_step, steps.accumulate) given the LoRA
+    dropout's key of this step, drawn from (seed, Adam's step count) (the micro-batches of one step share it); with
+    finish, step_fn returns (new state, metrics), and they are `finished`."""
+    def step(graphdef, state, *args, **kw):
         _, opt = nnx.merge(graphdef, state)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), _DROPOUT_STREAM), opt.step[...])
-        new, metrics = step_fn(graphdef, state, tokens, dropout_key=key, **kw)
-        new = constrain(new)  # else XLA may pick others (norm scales), and the next call recompiles
-        s = [layer.s[...] for layer in lora_layers(nnx.merge(graphdef, new)[0]) if layer.s is not None]
-        if s:
-            metrics.update(lora_s_mean=jnp.mean(jnp.stack(s)), lora_s_std=jnp.std(jnp.stack(s)))
-        return new, metrics
+        out = step_fn(graphdef, state, *args, dropout_key=key, **kw)
+        return finished(graphdef, *out) if finish else out
 
     return step
+
+
+def finished(graphdef, new, metrics):
+    """A train step's new state constrained to its shardings, with the trainable scales' mean and std added to the
+    metrics."""
+    new = constrain(new)  # else XLA may pick others (norm scales), and the next call recompiles
+    s = [layer.s[...] for layer in lora_layers(nnx.merge(graphdef, new)[0]) if layer.s is not None]
+    if s:
+        metrics.update(lora_s_mean=jnp.mean(jnp.stack(s)), lora_s_std=jnp.std(jnp.stack(s)))
+    return new, metrics
 
 
 def sizes(graphdef, state) -> dict:
@@ -321,9 +327,17 @@ class Plan:
             return wrap_state(graphdef, state, lora)
         return graphdef, state
 
-    def step(self, step_fn):
-        """The train step: training_step around `step_fn`, or `step_fn`."""
-        return training_step(step_fn, self.cfg) if self.cfg else step_fn
+    def step(self, step_fn, finish: bool = True):
+        """The train step, or the part of it that takes gradients (finish=False): training_step around `step_fn`,
+        or `step_fn`."""
+        return training_step(step_fn, self.cfg, finish) if self.cfg else step_fn
+
+    def finishing(self, step_fn):
+        """The part of the train step that updates the state, step_fn(graphdef, state, ...) -> (new state,
+        metrics): `finished` after it, or `step_fn`."""
+        if not self.cfg:
+            return step_fn
+        return lambda graphdef, state, *args, **kw: finished(graphdef, *step_fn(graphdef, state, *args, **kw))
 
     def after_step(self, done: int, graphdef, state):
         """Between steps (SPEC §4): wrap the model when the warm start ends, merge-and-reset every reset_frequency.

@@ -147,7 +147,7 @@ def measure(a) -> dict:
     with jax.set_mesh(mesh):
         _, tokens = next(batches)
         t = time.perf_counter()
-        step = train_step.lower(state, tokens).compile()
+        step = train_step.compile(state, tokens)
         compile_s = time.perf_counter() - t
         times = []
         for i, (_, tokens) in enumerate(batches):
@@ -186,7 +186,7 @@ def measure_maml(a) -> dict:
         for name, obj in variants.items():
             states[name] = jax.tree.map(jnp.copy, state)
             compiled[name] = steps.jit_train_step(graphdef, states[name], mesh, plan, cfg.data.grad_accum,
-                                                  objective=obj).lower(states[name], tokens).compile()
+                                                  objective=obj).compile(states[name], tokens)
         for i in range(a.warmup + a.steps):
             for name in variants:  # alternated: the machine's drift hits every variant alike
                 t = time.perf_counter()

@@ -141,6 +141,8 @@ def test_resume_is_exact_and_the_head_is_checkpointed_but_not_exported(tiny_cfg)
                    "data.grad_accum=2", "mesh.data=2", "mesh.fsdp=4", "train.log_every=1")
     straight = train.Trainer(cfg)
     final = straight.run()
+    compiles = {k: p._cache_size() for k, p in straight.train_step.programs.items()}
+    assert compiles == dict(zeros=1, accumulate=1, apply=1)  # 4 steps, each program compiled once
     ref = leaves(straight.state)
     history = json.loads((straight.run_dir / "metrics.json").read_text())["history"]
     assert {h["meta_batches"] for h in history} <= {0.0, 1.0, 2.0} and len({h["meta_batches"] for h in history}) > 1

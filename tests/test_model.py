@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import relora
 import steps
 from conftest import make_cfg
 from model import Decoder, ModelConfig, blockwise_attention, count_params, generate
@@ -88,7 +89,7 @@ def test_kv_cache_matches_full_recomputation():
 def _steps(mesh, n_steps=2, grad_accum=1):
     tx = train_state.make_tx(make_cfg().opt, lambda step: 1e-2)
     graphdef, state = train_state.init_state(SMALL, tx, mesh, seed=0)
-    step = jax.jit(partial(steps.train_step, graphdef, grad_accum=grad_accum))
+    step = steps.jit_train_step(graphdef, state, mesh, relora.Plan(None), grad_accum)
     tokens = jax.random.randint(jax.random.key(2), (16, SMALL.seq_len + 1), 0, SMALL.vocab_size)
     losses = []
     with jax.set_mesh(mesh):
