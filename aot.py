@@ -313,9 +313,10 @@ def gb(x) -> str:
 def report(r: dict) -> str:
     """The analysis as the lines `python main.py aot.target=...` prints."""
     t, e, lim = r["train"], r["eval"], r["memory_limit"]
+    sums = " + gradient sums" if r["config"]["grad_accum"] > 1 else ""  # the accumulate program's, the largest
     lines = [f"{r['target']}: {r['devices']} x {r['chip']}, mesh {r['mesh']} (compile only: XLA's plan, not a "
              f"measurement)",
-             f"train step, per device: arguments {gb(t['arguments'])} (parameters + optimizer state + batch), "
+             f"train step, per device: arguments {gb(t['arguments'])} (parameters + optimizer state{sums} + batch), "
              f"temporaries {gb(t['temporaries'])}, outputs {gb(t['outputs'])} ({gb(t['aliased'])} of them in "
              f"donated buffers), total {gb(t['total'])} of {gb(lim)} usable"
              + (f" (HBM {gb(r['hbm'])}; jax preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)"
