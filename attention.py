@@ -41,7 +41,8 @@ def causal_attention(q, k, v, cfg):
 
 def batch_sharded(*xs):
     """xs [B, ...] laid out split over the batch axes, replicated otherwise, under a mesh (as is, without one or
-    when B does not split evenly: a one-prompt generation on 8 devices)."""
+    when B does not split evenly: a one-prompt generation on 8 devices). The blocks hold their residual stream so
+    too: without it XLA:GPU gathered the whole batch onto every GPU and split the matmuls over D instead."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or xs[0].shape[0] % math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES):
         return xs

@@ -1,16 +1,19 @@
 """The training loss: next-token cross-entropy plus the z-loss, and the same fused with the head.
 
 A module of its own because three callers need the one cross-entropy (the train step, evaluation and the
-learning-dynamics gradients) and the fused version is a custom VJP that reads best on its own. It imports
-nothing of the project: a model here is anything with `.cfg`, `__call__(tokens)`, `features(tokens)` and
-`head_kernel()` (model.LanguageModel).
+learning-dynamics gradients) and the fused version is a custom VJP that reads best on its own. Of the project
+it imports only attention.py's BATCH_AXES (the mesh axes the batch is split over): a model here is anything with
+`.cfg`, `__call__(tokens)`, `features(tokens)` and `head_kernel()` (model.LanguageModel).
 """
+import math
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from attention import BATCH_AXES
 
 
 def token_losses(logits, labels):
@@ -74,20 +77,46 @@ def _fused_ce(h, w, labels, chunk: int, z_loss: float, grads: bool):
     return loss.sum(), dh.reshape(-1, d)[:n], dw
 
 
+def _per_device(h, w, labels, chunk: int, z_loss: float, grads: bool):
+    """_fused_ce of h [B, T, D], labels [B, T]: under a mesh that splits the batch, each device on its own rows
+    with the whole head kernel (gathered in h's dtype, as FSDP gathers every weight), the loss and d/dw summed
+    over the devices. Left to the SPMD partitioner, the scan over chunks of the flattened rows got the head's
+    matmul split over D instead: every device ran every chunk of the batch and all-reduced its float32 [chunk, V]
+    logits (pico medium on a v5e-8: 512 chunks of 196 MiB per micro-batch)."""
+    fn = partial(_fused_ce, chunk=chunk, z_loss=z_loss, grads=grads)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or h.shape[0] % math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES):
+        out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+        return out if not grads else (out[0], out[1].reshape(h.shape), out[2])
+    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+
+    split = w.shape[0] % mesh.size == 0  # d/dw summed and split over the devices along D, as FSDP keeps it
+
+    def local(h, w, labels):
+        out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
+        if not grads:
+            return jax.lax.psum(out, axes)
+        loss, dh, dw = out
+        dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=0, tiled=True) if split else jax.lax.psum(dw, axes)
+        return jax.lax.psum(loss, axes), dh.reshape(h.shape), dw
+    rows, whole = jax.P(axes), jax.P()
+    out_specs = whole if not grads else (whole, rows, rows if split else whole)
+    return jax.shard_map(local, in_specs=(rows, whole, rows), out_specs=out_specs,
+                         check_vma=False)(h, w.astype(h.dtype), labels)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def fused_cross_entropy(h, w, labels, chunk: int, z_loss: float = 0.0):
     """loss_fn's loss of the logits h @ w for h [B, T, D], head kernel w [D, V], labels [B, T],
-    `chunk` tokens at a time with its gradients made in the same pass (model.loss_chunk): the
-    [B, T, V] float32 logits and their gradient are never held whole (823 MB each at 4096 tokens x
-    50257), which on CPU is also faster (benchmarks/RESULTS.md)."""
-    return _fused_ce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk, z_loss,
-                     grads=False) / labels.size
+    `chunk` tokens (of a device's rows) at a time with its gradients made in the same pass
+    (model.loss_chunk): the [B, T, V] float32 logits and their gradient are never held whole (823 MB
+    each at 4096 tokens x 50257), which on CPU is also faster (benchmarks/RESULTS.md)."""
+    return _per_device(h, w, labels, chunk, z_loss, grads=False) / labels.size
 
 
 def _fused_ce_fwd(h, w, labels, chunk, z_loss):
-    loss, dh, dw = _fused_ce(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), chunk, z_loss,
-                             grads=True)
-    return loss / labels.size, (dh.reshape(h.shape), dw, labels)
+    loss, dh, dw = _per_device(h, w, labels, chunk, z_loss, grads=True)
+    return loss / labels.size, (dh, dw.astype(w.dtype), labels)
 
 
 def _fused_ce_bwd(chunk, z_loss, res, g):

@@ -27,11 +27,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from attention import BATCH_AXES, blockwise_attention, causal_attention, flash_attention  # noqa: F401 (re-exported)
+from attention import batch_sharded
 from config import BLOCK_LINEARS, ConfigError, reject_unknown
 
 # One sharding table. FSDP shards every weight along its D dimension over the `fsdp` mesh axis
 # (names carry the dims); everything is replicated over `data`. The batch is split over both axes
-# (BATCH_AXES, which attention.py's kernels read too).
+# (BATCH_AXES, which attention.py's kernels and loss.py read too), and so is the residual stream in every block.
 SHARDING = {
     "embed_VD": (None, "fsdp"),
     "q_DX": ("fsdp", None),      # X = H*E
@@ -386,13 +387,16 @@ class Block(nnx.Module):
 
     def __call__(self, x, rope, cache=None, pos=None, start=None):
         mlp, mlp_norm = getattr(self, self.cfg.mlp_block), getattr(self, f"{self.cfg.mlp_block}_norm")
+        x, = batch_sharded(x)  # the residual stream split over the batch under a mesh (see `batch_sharded`)
         if self.cfg.norm_placement == "post":
             a, cache = self.attention(x, rope, cache, pos, start)
-            h = self.attention_norm(x + a)
-            return mlp_norm(h + mlp(h)), cache
-        a, cache = self.attention(self.attention_norm(x), rope, cache, pos, start)
-        h = x + a
-        return h + mlp(mlp_norm(h)), cache
+            h, = batch_sharded(self.attention_norm(x + a))
+            out = mlp_norm(h + mlp(h))
+        else:
+            a, cache = self.attention(self.attention_norm(x), rope, cache, pos, start)
+            h, = batch_sharded(x + a)
+            out = h + mlp(mlp_norm(h))
+        return batch_sharded(out)[0], cache
 
 
 class LanguageModel(nnx.Module):

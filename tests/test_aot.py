@@ -119,6 +119,21 @@ def test_flash_attention_in_jax_runs_on_each_devices_rows_of_the_batch(spec):
     assert blocks == {str(16 // len(b.mesh.devices.flat))}, blocks
 
 
+def test_every_device_computes_only_its_rows_of_the_batch():
+    """FSDP splits the work by rows: each device runs the blocks and the fused loss (model.loss_chunk) on its B / n
+    sequences, the weights gathered. Left to the partitioner, the 8-GPU -cn gpu program held the whole
+    micro-batch's activations on every GPU (16.9 GiB per GPU against 3.3 now), and on TPUs the loss was split
+    over D, every chip running every chunk of the batch and all-reducing its float32 [chunk, V] logits."""
+    for spec in ("gpu:h100x8", "tpu:v5e-4"):
+        compile_target(spec)
+    cfg = config.compose("local", [*AOT_TINY, "model.loss_chunk=64", "mesh.fsdp=-1", "data.batch_size=32"])
+    temporaries = {spec: aot.compile_train(aot.build(cfg, spec)).memory.temporaries for spec in ("gpu:h100",
+                                                                                                  "gpu:h100x8")}
+    assert temporaries["gpu:h100x8"] < temporaries["gpu:h100"] / 2, temporaries  # main before: 0.85 of it
+    text = aot.compile_train(aot.build(cfg, "tpu:v5e-4")).text
+    assert not re.search(r"f32\[64,512\][^ ]* all-reduce", text)  # a loss chunk's logits summed over chips
+
+
 SHIPPED = [  # every shipped accelerator config on every chip its comment names, with the attention it must hold
     ("tpu", "tpu:v5e-8", "splash"), ("tpu", "tpu:v4-8", "splash"), ("gpu", "gpu:h100", "cudnn"),
     ("gpu", "gpu:h100x2", "cudnn"), ("gpu", "gpu:h100x8", "cudnn"), ("colab", "gpu:t4", "xla"),

@@ -176,6 +176,28 @@ def test_fused_cross_entropy_keeps_float32_logits_in_bfloat16():
     np.testing.assert_allclose(lb, l1, rtol=2e-2)
 
 
+def test_fused_cross_entropy_under_a_mesh_runs_each_devices_rows_and_gives_the_same_loss():
+    """Under an 8-device mesh the fused loss runs per device on its rows of the batch (the head gathered, d/dw
+    summed and split over the devices): the same loss and gradients as on one device, with a chunk that does not
+    divide a device's rows (2 rows x 5 tokens in chunks of 4), the z-loss on, and a head width that the devices
+    do not divide (d/dw summed whole)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    mesh = train_state.make_mesh(2, 4)
+    labels = jax.random.randint(jax.random.key(2), (16, 5), 0, 40)
+    for d in (16, 12):
+        h = jax.random.normal(jax.random.key(0), (16, 5, d))
+        w = jax.random.normal(jax.random.key(1), (d, 40))
+        fused = jax.jit(jax.value_and_grad(lambda h, w: fused_cross_entropy(h, w, labels, 4, 1e-2), argnums=(0, 1)))
+        ref_loss, ref_grads = fused(h, w)
+        with jax.set_mesh(mesh):
+            rows = NamedSharding(mesh, P(("data", "fsdp")))
+            loss, grads = fused(jax.device_put(h, rows), jax.device_put(w, NamedSharding(mesh, P("fsdp"))))
+            assert grads[0].sharding.is_equivalent_to(rows, 3)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+        for a, b in zip(grads, ref_grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_scanned_model_still_captures_learning_dynamics():
     import dataclasses
     from flax import nnx
