@@ -85,12 +85,12 @@ def _per_device(h, w, labels, chunk: int, z_loss: float, grads: bool):
     logits (pico medium on a v5e-8: 512 chunks of 196 MiB per micro-batch)."""
     fn = partial(_fused_ce, chunk=chunk, z_loss=z_loss, grads=grads)
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or h.shape[0] % math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES):
+    n = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    if n == 1 or h.shape[0] % n:
         out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
         return out if not grads else (out[0], out[1].reshape(h.shape), out[2])
     axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
-
-    split = w.shape[0] % mesh.size == 0  # d/dw summed and split over the devices along D, as FSDP keeps it
+    split = w.shape[0] % n == 0  # d/dw reduce-scattered along D, as FSDP keeps it; else summed whole
 
     def local(h, w, labels):
         out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
