@@ -39,12 +39,18 @@ def causal_attention(q, k, v, cfg):
     return flash_attention(q, k, v)
 
 
+def batch_shards() -> int:
+    """How many ways the current mesh splits the batch (its devices over BATCH_AXES); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+
+
 def batch_sharded(*xs):
     """xs [B, ...] laid out split over the batch axes, replicated otherwise, under a mesh (as is, without one or
     when B does not split evenly: a one-prompt generation on 8 devices). The blocks hold their residual stream so
     too: without it XLA:GPU gathered the whole batch onto every GPU and split the matmuls over D instead."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or xs[0].shape[0] % math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES):
+    n = batch_shards()
+    if n == 1 or xs[0].shape[0] % n:
         return xs
     return tuple(jax.lax.with_sharding_constraint(x, jax.P(BATCH_AXES)) for x in xs)
 

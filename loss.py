@@ -2,10 +2,9 @@
 
 A module of its own because three callers need the one cross-entropy (the train step, evaluation and the
 learning-dynamics gradients) and the fused version is a custom VJP that reads best on its own. Of the project
-it imports only attention.py's BATCH_AXES (the mesh axes the batch is split over): a model here is anything with
-`.cfg`, `__call__(tokens)`, `features(tokens)` and `head_kernel()` (model.LanguageModel).
+it imports only attention.py's BATCH_AXES and batch_shards (how the batch is split over the mesh): a model here is
+anything with `.cfg`, `__call__(tokens)`, `features(tokens)` and `head_kernel()` (model.LanguageModel).
 """
-import math
 from functools import partial
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attention import BATCH_AXES
+from attention import BATCH_AXES, batch_shards
 
 
 def token_losses(logits, labels):
@@ -84,22 +83,21 @@ def _per_device(h, w, labels, chunk: int, z_loss: float, grads: bool):
     matmul split over D instead: every device ran every chunk of the batch and all-reduced its float32 [chunk, V]
     logits (pico medium on a v5e-8: 512 chunks of 196 MiB per micro-batch)."""
     fn = partial(_fused_ce, chunk=chunk, z_loss=z_loss, grads=grads)
-    mesh = jax.sharding.get_abstract_mesh()
-    n = 1 if mesh.empty else math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    n = batch_shards()
     if n == 1 or h.shape[0] % n:
         out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
         return out if not grads else (out[0], out[1].reshape(h.shape), out[2])
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
     split = w.shape[0] % n == 0  # d/dw reduce-scattered along D, as FSDP keeps it; else summed whole
 
     def local(h, w, labels):
         out = fn(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1))
         if not grads:
-            return jax.lax.psum(out, axes)
+            return jax.lax.psum(out, BATCH_AXES)
         loss, dh, dw = out
-        dw = jax.lax.psum_scatter(dw, axes, scatter_dimension=0, tiled=True) if split else jax.lax.psum(dw, axes)
-        return jax.lax.psum(loss, axes), dh.reshape(h.shape), dw
-    rows, whole = jax.P(axes), jax.P()
+        dw = (jax.lax.psum_scatter(dw, BATCH_AXES, scatter_dimension=0, tiled=True) if split
+              else jax.lax.psum(dw, BATCH_AXES))
+        return jax.lax.psum(loss, BATCH_AXES), dh.reshape(h.shape), dw
+    rows, whole = jax.P(BATCH_AXES), jax.P()
     out_specs = whole if not grads else (whole, rows, rows if split else whole)
     return jax.shard_map(local, in_specs=(rows, whole, rows), out_specs=out_specs,
                          check_vma=False)(h, w.astype(h.dtype), labels)

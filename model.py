@@ -396,7 +396,7 @@ class Block(nnx.Module):
             a, cache = self.attention(self.attention_norm(x), rope, cache, pos, start)
             h, = batch_sharded(x + a)
             out = h + mlp(mlp_norm(h))
-        return batch_sharded(out)[0], cache
+        return out, cache
 
 
 class LanguageModel(nnx.Module):
