@@ -1,17 +1,20 @@
 """Meta-learning pretraining as pico-maml-train runs it (SPEC §6; Africa et al. 2025, arXiv 2508.02189): subset-masked
 LM (SMLMT) episodes and MAML on a classifier head, as one objective of the jitted train step.
 
-A micro-batch is, with probability `hybrid_ratio`, a meta episode instead of next-token prediction. The episode:
-K = k_shot support positions and one query position drawn from [1, T - 1), the same for every row; those tokens
-become the mask token; the support labels' distinct ids (the smallest n_way, padded with random other ids) are the
-N = n_way classes, a label outside them class 0. A classifier head (an MLP on the decoder's final hidden state,
-its vocabulary logits restricted to the classes) is adapted by `inner_steps` SGD steps on the support positions'
-cross-entropy, and the query position's cross-entropy through the adapted head is the outer loss. The backbone is
-frozen in the inner loop, so its hidden states are computed once (pico-maml recomputes them at every inner step:
-`recomputing_grads`, kept as the reference and for benchmarks/throughput.py); the inner loop is a `lax.scan`.
-order 1 (the paper's first-order MAML): the head's gradient is the query gradient at the adapted head, applied to
-the head as it was; the backbone's the query gradient through the query's hidden state. order 2: the exact
-gradient through the inner loop (and the support hidden states).
+A micro-batch is, with probability `hybrid_ratio`, a meta episode instead of next-token prediction. The episode,
+as pico-maml draws it: K = k_shot support positions and one query position, distinct, drawn from [1, T) and the
+same for every row; two inputs, the support input with only the K support positions replaced by the mask token and
+the query input with only the query position (so the query's hidden state sees the support tokens, and the support
+states see the query token); the support labels' distinct ids are the N = n_way classes (a random n_way of them
+when there are more, padded with random other ids when fewer), a label outside them class 0. A classifier head (an
+MLP on the decoder's final hidden state, its vocabulary logits restricted to the classes) is adapted by
+`inner_steps` SGD steps on the support positions' cross-entropy, and the query position's cross-entropy through
+the adapted head is the outer loss. The backbone is frozen in the inner loop, so the support states are computed
+once (pico-maml recomputes them at every inner step: `recomputing_grads`, kept as the reference and for
+benchmarks/throughput.py): two forwards per episode; the inner loop is a `lax.scan`. order 1 (the paper's
+first-order MAML): the support states carry no gradient, the head's gradient is the query gradient at the
+adapted head, applied to the head as it was, the backbone's the query gradient through the query's hidden state.
+order 2: the exact gradient through the inner loop and both forwards.
 
 The head lives in the model (`model.maml_head`), so it is in the optimizer and the checkpoint; the Hugging Face
 export reads the decoder's own layers only. Every draw is a pure function of (seed, Adam's step count, micro-batch
@@ -69,10 +72,10 @@ class MetaConfig:
                 raise ConfigError(f"model.maml.{key}={getattr(self, key)}; it must be at least 1")
         if self.order not in (1, 2):
             raise ConfigError(f"model.maml.order={self.order}; use 1 (first-order MAML) or 2 (exact)")
-        if self.k_shot + 1 > mcfg.seq_len - 2:
+        if self.k_shot + 1 > mcfg.seq_len - 1:
             raise ConfigError(f"model.maml.k_shot={self.k_shot}: an episode masks k_shot + 1 distinct positions of "
-                              f"[1, seq_len - 1), which model.seq_len={mcfg.seq_len} cannot hold; use k_shot <= "
-                              f"{mcfg.seq_len - 3}")
+                              f"[1, seq_len), which model.seq_len={mcfg.seq_len} cannot hold; use k_shot <= "
+                              f"{mcfg.seq_len - 2}")
         if not 2 <= self.n_way <= min(micro_rows * self.k_shot, mcfg.vocab_size):
             raise ConfigError(f"model.maml.n_way={self.n_way}: an episode's support set holds at most "
                               f"{micro_rows} rows x k_shot={self.k_shot} = {micro_rows * self.k_shot} labels (vocabulary "
@@ -102,7 +105,8 @@ def mask_id(meta: MetaConfig, tokenizer, vocab_size: int) -> tuple[int, str]:
             raise ConfigError(f"model.maml.mask_id={meta.mask_id} is outside the vocabulary [0, {vocab_size})")
         return meta.mask_id, f"maml: mask token {meta.mask_id} (model.maml.mask_id)"
     if tokenizer is None:
-        raise ConfigError("model.maml: the data has no tokenizer.json to take a mask token from; set "
+        raise ConfigError("model.maml: the run has no tokenizer to take a mask token from; set data.tokenizer (a "
+                          "tokenizer.json or a Hub id, e.g. allenai/OLMo-7B-0724-hf for pico's data) or "
                           "model.maml.mask_id to an id the data never uses")
     for name in MASK_NAMES:
         if (i := tokenizer.token_to_id(name)) is not None and i < vocab_size:
@@ -171,15 +175,21 @@ def head_loss(head: list, h, y):
 # ---------------------------------------------------------------------------------------------- an episode
 
 def classes_of(labels, n_way: int, vocab_size: int, mask: int, key):
-    """The episode's n_way class ids: the support labels' distinct ids (the smallest n_way when there are more),
-    then random ids that are none of them nor the mask token. All distinct."""
-    uniq = jnp.unique(labels, size=n_way, fill_value=-1)  # sorted, -1 at the end when fewer
+    """The episode's n_way class ids, as pico-maml picks them: the support labels' distinct ids, sorted (torch.unique);
+    with more than n_way, a random n_way of them in random order (its randperm); with fewer, then random ids, which
+    unlike pico-maml's randint are none of them nor the mask token. All distinct."""
+    k_pick, k_pad = jax.random.split(key)
+    size = max(labels.size, n_way)
+    uniq = jnp.unique(labels, size=size, fill_value=-1)  # sorted, -1 after the distinct ids
     n = jnp.sum(uniq >= 0)
-    perm = jax.random.permutation(key, vocab_size)
+    shuffled = uniq[jax.random.permutation(k_pick, size)]
+    picked = shuffled[jnp.argsort(shuffled < 0, stable=True)][:n_way]  # the distinct ids first, in random order
+    chosen = jnp.where(n > n_way, picked, uniq[:n_way])
+    perm = jax.random.permutation(k_pad, vocab_size)
     taken = jnp.isin(perm, uniq) | (perm == mask)
     pads = perm[jnp.argsort(taken, stable=True)][:n_way]  # ids not taken come first
     i = jnp.arange(n_way)
-    return jnp.where(i < n, uniq, pads[jnp.clip(i - n, 0, n_way - 1)])
+    return jnp.where(i < n, chosen, pads[jnp.clip(i - n, 0, n_way - 1)])
 
 
 def class_index(labels, classes):
@@ -187,17 +197,28 @@ def class_index(labels, classes):
     return jnp.argmax(labels[..., None] == classes, axis=-1)
 
 
-def episode(meta: MetaConfig, x, key, mask: int, vocab_size: int):
-    """An episode of the inputs x [B, T]: (masked inputs, support positions [K], query position, support class
-    indices [B * K], query class indices [B], classes [N])."""
+@dataclass
+class Episode:
+    support_ids: jax.Array  # [B, T]: the inputs with the K support positions masked
+    query_ids: jax.Array    # [B, T]: the inputs with the query position masked
+    support: jax.Array      # [K] support positions
+    query: jax.Array        # the query position
+    ys: jax.Array           # [B * K] support class indices
+    yq: jax.Array           # [B] query class indices
+    classes: jax.Array      # [N] the class ids
+
+
+def episode(meta: MetaConfig, x, key, mask: int, vocab_size: int) -> Episode:
+    """An episode of the inputs x [B, T], as pico-maml builds one (SPEC §6): its two masked inputs, positions,
+    class indices and classes."""
     k_pos, k_cls = jax.random.split(key)
     T = x.shape[1]
-    pos = jax.random.choice(k_pos, jnp.arange(1, T - 1), (meta.k_shot + 1,), replace=False)
+    pos = jax.random.choice(k_pos, jnp.arange(1, T), (meta.k_shot + 1,), replace=False)  # randperm(L - 1) + 1
     labels = x[:, pos]  # [B, K + 1]
-    xm = x.at[:, pos].set(mask)
     support = labels[:, :-1].reshape(-1)
     classes = classes_of(support, meta.n_way, vocab_size, mask, k_cls)
-    return xm, pos[:-1], pos[-1], class_index(support, classes), class_index(labels[:, -1], classes), classes
+    return Episode(x.at[:, pos[:-1]].set(mask), x.at[:, pos[-1]].set(mask), pos[:-1], pos[-1],
+                   class_index(support, classes), class_index(labels[:, -1], classes), classes)
 
 
 def inner_loop(meta: MetaConfig, head: list, hs, ys):
@@ -215,18 +236,20 @@ def meta_loss(meta: MetaConfig, model, tokens, key, mask: int):
     """The outer loss of one episode on tokens [B, T + 1] (the inputs are tokens[:, :-1], as for next-token
     prediction) and its metrics. Differentiate it with respect to the model's parameters: its gradient is the
     order-1 or order-2 meta gradient."""
-    xm, sup, query, ys, yq, classes = episode(meta, tokens[:, :-1], key, mask, model.cfg.vocab_size)
-    h = model.features(xm)[0].astype(jnp.float32)  # [B, T, D], once: the backbone is frozen in the inner loop
-    hs, hq = h[:, sup].reshape(-1, h.shape[-1]), h[:, query]
-    head = restrict(head_params(model), classes)
-    if meta.order == 1:
-        adapted, inner_norm = inner_loop(meta, head, jax.lax.stop_gradient(hs), ys)
+    e = episode(meta, tokens[:, :-1], key, mask, model.cfg.vocab_size)
+    hs = model.features(e.support_ids)[0][:, e.support].astype(jnp.float32)  # [B, K, D], once: the backbone is
+    hs = hs.reshape(-1, hs.shape[-1])  # frozen in the inner loop
+    hq = model.features(e.query_ids)[0][:, e.query].astype(jnp.float32)  # [B, D]
+    head = restrict(head_params(model), e.classes)
+    if meta.order == 1:  # the support forward carries no gradient: XLA runs no backward through it
+        hs = jax.lax.stop_gradient(hs)
+        adapted, inner_norm = inner_loop(meta, head, hs, e.ys)
         # the query gradient at the adapted head lands on the head as it was (first order)
         adapted = jax.tree.map(lambda p, a: p + jax.lax.stop_gradient(a - p), head, adapted)
     else:
-        adapted, inner_norm = inner_loop(meta, head, hs, ys)
-    loss, query_acc = head_loss(adapted, hq, yq)
-    support_acc = head_loss(jax.lax.stop_gradient(adapted), hs, ys)[1]
+        adapted, inner_norm = inner_loop(meta, head, hs, e.ys)
+    loss, query_acc = head_loss(adapted, hq, e.yq)
+    support_acc = head_loss(jax.lax.stop_gradient(adapted), hs, e.ys)[1]
     return loss, dict(support_acc=support_acc, query_acc=query_acc, query_loss=loss, inner_grad_norm=inner_norm)
 
 
@@ -239,22 +262,23 @@ def recomputing_grads(meta: MetaConfig, model_def, params, rest, tokens, key, ma
 
     def outer(p):
         model = nnx.merge(model_def, p, rest)
-        xm, sup, query, ys, yq, classes = episode(meta, tokens[:, :-1], key, mask, model.cfg.vocab_size)
-        head = restrict(head_params(model), classes)
+        e = episode(meta, tokens[:, :-1], key, mask, model.cfg.vocab_size)
+        head = restrict(head_params(model), e.classes)
         adapted = head
         for _ in range(meta.inner_steps):
             frozen = jax.lax.stop_gradient(p) if meta.order == 1 else p
             # + 0 x (this step's head): the features are computed again, as pico-maml does, instead of XLA sharing
             # one computation between the steps (the same numbers: the head is finite)
             zero = 0.0 * jax.lax.stop_gradient(adapted[0][0][0, 0])
-            hs = features(jax.tree.map(lambda x: x + zero, frozen), xm)[:, sup].reshape(len(tokens) * meta.k_shot, -1)
-            g = jax.grad(lambda a: head_loss(a, hs, ys)[0])(adapted)
+            hs = features(jax.tree.map(lambda x: x + zero, frozen), e.support_ids)[:, e.support]
+            hs = hs.reshape(len(tokens) * meta.k_shot, -1)
+            g = jax.grad(lambda a: head_loss(a, hs, e.ys)[0])(adapted)
             if meta.order == 1:
                 g = jax.lax.stop_gradient(g)
             adapted = jax.tree.map(lambda a, d: a - meta.inner_lr * d, adapted, g)
         if meta.order == 1:
             adapted = jax.tree.map(lambda h, a: h + jax.lax.stop_gradient(a - h), head, adapted)
-        return head_loss(adapted, features(p, xm)[:, query], yq)[0]
+        return head_loss(adapted, features(p, e.query_ids)[:, e.query], e.yq)[0]
 
     return jax.value_and_grad(outer)(params)
 
