@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import os
 import re
+import sys
 
 import jax
 from jax.experimental import topologies
@@ -141,9 +142,11 @@ class Target:
                                                     topology=self.topology)
         except Exception as e:  # jax raises RuntimeError or ValueError, by plugin; the cause is kept in the message
             need = "libtpu (jax[tpu])" if self.chip.platform == "tpu" else "the CUDA plugin (jax[cuda12])"
+            how = "pip install -r requirements-aot.txt" if sys.platform == "linux" else \
+                f"they ship for Linux only (requirements-aot.txt skips them on {sys.platform}): compile on a Linux host"
             raise TargetError(f"cannot make compile-only devices for {self.spec}: {type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0][:300]}; it needs {need} of jax "
-                              f"{jax.__version__}: pip install -r requirements-aot.txt") from e
+                              f"{jax.__version__}: {how}") from e
         return list(topo.devices)
 
 
