@@ -34,9 +34,13 @@ KNOBS = ("data.grad_accum (smaller micro-batches), model.remat=block (recompute 
 def compile_only_host():
     """Before jax starts its backends: this host's own devices stay the CPU (the TPU and CUDA plugins installed for
     compiling must not claim hardware that is not here), the CUDA plugin may describe GPUs it cannot see, and
-    libtpu does not take its one-process lock (/tmp/libtpu_lockfile), so several compiles may run at once."""
+    libtpu does not take its one-process lock (/tmp/libtpu_lockfile), so several compiles may run at once. libtpu is
+    told it is on one host of a known kind, so that it does not print its warnings about the TPU VM it is not on
+    (the target's topology is get_topology_desc's argument: these do not change the plans, RESULTS.md)."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
     jax.config.update("jax_platforms", "cpu")
 
 

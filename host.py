@@ -4,6 +4,7 @@ and what its devices can do (peak FLOP/s, the throughput and MFU formula).
 A module of its own because none of it is training: main.py, benchmarks/throughput.py and the trainer's log all
 call it; of the project it imports only chips.py, the table of the chips' peaks.
 """
+import glob
 import os
 import platform
 import sys
@@ -34,6 +35,19 @@ def reuse_host_memory():
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, sys.orig_argv)
+
+
+# device files of the chips jax's plugins drive: NVIDIA GPUs (WSL2: /dev/dxg), TPUs (v2-v4 accel, v5e and later vfio)
+ACCELERATOR_FILES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+
+def cpu_unless_accelerator():
+    """Before jax starts its backends: on a host with no GPU or TPU device file, jax starts its CPU backend only.
+    The CUDA plugin and libtpu that requirements-aot.txt installs for compile-only targets would otherwise each try
+    to claim a chip that is not there, and print a traceback (cuInit failed) and libtpu's host warnings before
+    every run. JAX_PLATFORMS, when set, is left to decide."""
+    if "JAX_PLATFORMS" not in os.environ and not any(glob.glob(p) for p in ACCELERATOR_FILES):
+        jax.config.update("jax_platforms", "cpu")
 
 
 def init_distributed(d):

@@ -48,5 +48,6 @@ def main(cfg):
 
 if __name__ == "__main__":
     host.reuse_host_memory()  # a restart, before jax starts: on CPU, each step reuses the last one's memory
+    host.cpu_unless_accelerator()  # no plugin tracebacks on a host without chips
     config.register_resolvers()  # base.yaml's ${mul:...}, before Hydra hands over the config
     main()
