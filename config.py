@@ -12,7 +12,10 @@ from hydra import compose as hydra_compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-RESOLVERS = {"mul": lambda *xs: math.prod(xs)}  # ${mul:a,b} = a * b (base.yaml: d_hidden = 4 d_model)
+RESOLVERS = {
+    "mul": lambda *xs: math.prod(xs),  # ${mul:a,b} = a * b (base.yaml: d_hidden = 4 d_model)
+    "unless": lambda given, value, otherwise=None: otherwise if given else value,  # tpu.yaml: pico's data unless data.dir
+}
 
 # A block's linear layers, the one table of their names: picojax path under blocks.<i> ->
 # (Hugging Face Llama name under model.layers.<i>, pico-train name under layers.<i>). Learning

@@ -232,6 +232,39 @@ def check_sets(sets) -> dict:
     return sets
 
 
+PICO_DATA = ("data.hf_dataset=pico-lm/pretokenized-dolma data.order=sequential data.tokenizer=allenai/OLMo-7B-0724-hf "
+             "data.valid=hf://datasets/pico-lm/pretokenized-paloma-tinsy")  # what -cn tpu and -cn gpu set
+
+
+def is_builtin(d) -> bool:
+    return not d.dir and not d.get("hf_dataset")
+
+
+def check_builtin(train, valid, cfg):
+    """The built-in corpus (0.74M tokens) is for local and Colab runs: a seq_len or a batch it cannot hold is an
+    error that says where a real run's data comes from."""
+    T, B, E = cfg.model.seq_len, cfg.data.batch_size, cfg.eval.batch_size
+    if train.n_rows >= B and valid.n_rows >= E:
+        return
+    raise DataError(f"the built-in corpus ({train.n_tokens:,} tokens of Wikipedia, for local and Colab runs) holds "
+                    f"{train.n_rows:,} training and {valid.n_rows} validation sequences of model.seq_len + 1 = "
+                    f"{T + 1} tokens, fewer than data.batch_size={B} or eval.batch_size={E}. A run of this size "
+                    f"needs real data: pico's ({PICO_DATA}; -cn tpu and -cn gpu set these), or your own .bin files "
+                    f"or shards (data.dir=DIR, made by `python prepare.py --out DIR ...`)")
+
+
+def epochs_note(train, cfg) -> str:
+    """How many times the run reads its training rows, for the start-up lines; a warning past one epoch."""
+    rows = cfg.train.steps * cfg.data.batch_size
+    epochs = rows / train.n_rows
+    note = (f"data: train.steps={cfg.train.steps:,} x data.batch_size={cfg.data.batch_size:,} = {rows:,} rows of "
+            f"the {train.n_rows:,} in {train.path}: {epochs:.3g} epoch{'' if epochs == 1 else 's'}")
+    if epochs > 1 + 1e-9:
+        repeats = ("each epoch in a new order" if cfg.data.order == "shuffled" else "the same rows in the same order")
+        note = f"warning: {note}; rows repeat ({repeats}, data.order={cfg.data.order})"
+    return note
+
+
 def open_run_data(cfg):
     """A run's row sources: (train, validation, the learning-dynamics eval batch's, {eval set name: source} with
     the validation data as `val`), each checked to hold at least one eval batch."""
@@ -240,6 +273,8 @@ def open_run_data(cfg):
     valid = open_source(d.valid, None, d, V, T) if d.valid else open_source(train_spec(d), "valid", d, V, T)
     spec = cfg.checkpoint.dynamics.eval_data
     dyn = open_source(spec, None, d, V, T) if spec else valid
+    if is_builtin(d) and not d.valid:
+        check_builtin(train, valid, cfg)
     sets = {"val": valid, **{name: open_source(s, None, d, V, T) for name, s in check_sets(cfg.eval.sets).items()}}
     for rows, n, what in [*((r, cfg.eval.max_tokens, f"eval set {k}") for k, r in sets.items()),
                           (dyn, None, "learning-dynamics eval batch")]:
@@ -248,9 +283,9 @@ def open_run_data(cfg):
 
 
 def train_spec(d) -> str:
-    """Where a run's training rows come from: data.hf_dataset (a Hub dataset id), else data.dir or the built-in
-    corpus."""
-    return f"hf://datasets/{d.hf_dataset}" if d.hf_dataset else str(data_dir(d))
+    """Where a run's training rows come from: data.dir, else data.hf_dataset (a Hub dataset id), else the built-in
+    corpus (data_dir's order)."""
+    return f"hf://datasets/{d.hf_dataset}" if d.hf_dataset and not d.dir else str(data_dir(d))
 
 
 def prefetch(make, steps, depth: int = 2):

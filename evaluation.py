@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 import data
-import prepare
 from model import distinct, generate_ids
 
 GREEDY_PROMPT = 8  # tokens of each validation prompt for the greedy distinct-n
@@ -19,8 +18,8 @@ GREEDY_PROMPT = 8  # tokens of each validation prompt for the greedy distinct-n
 class Evaluator:
     """The run's validation sets (name: rows; `val` is the run's validation data) and sample settings, on `mesh`."""
 
-    def __init__(self, cfg, mesh, mcfg, data_dir, eval_sets: dict, valid_rows, batch_sharding):
-        self.cfg, self.mesh, self.mcfg, self.data_dir = cfg, mesh, mcfg, data_dir
+    def __init__(self, cfg, mesh, mcfg, tokenizer, eval_sets: dict, valid_rows, batch_sharding):
+        self.cfg, self.mesh, self.mcfg, self.tokenizer = cfg, mesh, mcfg, tokenizer  # tokenizers.Tokenizer or None
         self.eval_sets, self.valid_rows, self.batch_sharding = eval_sets, valid_rows, batch_sharding
 
     def losses(self, eval_step, state) -> dict:
@@ -39,8 +38,7 @@ class Evaluator:
 
     def prompt_ids(self):
         """sample.prompt as token ids through the run's tokenizer, and the tokenizer (None without one: token 0)."""
-        tok_path = self.data_dir / "tokenizer.json"
-        tok = prepare.load_tokenizer(tok_path) if tok_path.exists() else None
+        tok = self.tokenizer
         return (tok.encode(self.cfg.sample.prompt).ids if tok else []) or [0], tok
 
     def sample(self, model) -> str:

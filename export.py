@@ -35,11 +35,12 @@ from jax.experimental import multihost_utils
 from safetensors.flax import load_file as load_flax  # reads bfloat16 too, which numpy cannot hold
 from safetensors.numpy import save_file
 
-import data
+import host
 import prepare
+import tokenizer
 import train_state
 from checkpoint import Background, CheckpointError, into_step_dir
-from config import BLOCK_LINEARS, ConfigError
+from config import BLOCK_LINEARS, ConfigError, DataError
 from families import model_config
 from model import Decoder, ModelConfig
 
@@ -190,10 +191,15 @@ def export_hf(model: Decoder, out_dir, tokenizer=None) -> Path:
 
 
 def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
-    """The run's tokenizer.json, with tokenizer_config.json and generation_config.json declaring its special token
-    (prepare.EOT, GPT-2 style: it begins and ends documents) so that AutoTokenizer gives eos / bos ids; returns the
-    token ids for config.json. A tokenizer without prepare.EOT declares none."""
+    """The run's tokenizer files; returns the special token ids for config.json. A tokenizer that comes with its
+    own tokenizer_config.json (a Hub tokenizer: pico-train's OLMo one) is copied as it is, with its
+    special_tokens_map.json, as pico-train's save_pretrained writes them. A bare tokenizer.json (prepare.py's) gets
+    a tokenizer_config.json declaring its special token (prepare.EOT, GPT-2 style: it begins and ends documents)
+    so that AutoTokenizer gives eos / bos ids; one without prepare.EOT declares none."""
+    tokenizer_json = Path(tokenizer_json)
     shutil.copy(tokenizer_json, out / "tokenizer.json")
+    if (tokenizer_json.parent / "tokenizer_config.json").exists():
+        return _copy_tokenizer_config(tokenizer_json, out)
     eot = prepare.load_tokenizer(tokenizer_json).token_to_id(prepare.EOT)
     special = {} if eot is None else dict(bos_token=prepare.EOT, eos_token=prepare.EOT, unk_token=prepare.EOT)
     ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
@@ -201,6 +207,23 @@ def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
         tokenizer_class="PreTrainedTokenizerFast", model_max_length=seq_len, add_bos_token=False,
         add_eos_token=False, clean_up_tokenization_spaces=False, **special), indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps(dict(_from_model_config=True, **ids), indent=2) + "\n")
+    return ids
+
+
+def _copy_tokenizer_config(tokenizer_json: Path, out: Path) -> dict:
+    """A tokenizer's own tokenizer_config.json and special_tokens_map.json into `out`, and generation_config.json
+    with the ids of its bos / eos / pad tokens; returns those ids."""
+    for name in tokenizer.FILES[1:]:
+        if (tokenizer_json.parent / name).exists():
+            shutil.copy(tokenizer_json.parent / name, out / name)
+    conf, tok = json.loads((out / "tokenizer_config.json").read_text()), prepare.load_tokenizer(tokenizer_json)
+    ids = {}
+    for kind in ("bos", "eos", "pad"):
+        token = conf.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and (i := tok.token_to_id(token)) is not None:
+            ids[f"{kind}_token_id"] = i
     (out / "generation_config.json").write_text(json.dumps(dict(_from_model_config=True, **ids), indent=2) + "\n")
     return ids
 
@@ -306,8 +329,8 @@ def run_weights(cfg, resuming: bool):
     if resuming:
         return None, f"model.init_from={path} not read: the run resumes from its checkpoint in {cfg.checkpoint.dir}"
     weights = init_weights(path, model_config(cfg.model))
-    theirs, ours = Path(path).expanduser() / "tokenizer.json", data.data_dir(cfg.data) / "tokenizer.json"
-    if theirs.exists() and ours.exists() and \
+    theirs, ours = Path(path).expanduser() / "tokenizer.json", tokenizer.path(cfg.data)
+    if theirs.exists() and ours is not None and \
             prepare.load_tokenizer(theirs).get_vocab() != prepare.load_tokenizer(ours).get_vocab():
         raise ConfigError(f"model.init_from={path} has another tokenizer than the run's data ({ours}); "
                           f"tokenize the text with it: `python data.py prepare FILES --out DIR --tokenizer "
@@ -367,17 +390,17 @@ def main(argv=None) -> Path:
     p.add_argument("--format", choices=list(FORMATS), default="hf", help="hf: LlamaForCausalLM; pico: PicoDecoderHF")
     a = p.parse_args(argv)
     model, cfg, loop = train_state.load(a.src, a.step)
-    # the run's tokenizer, found as the trainer finds its data (`data.py prepare` writes one beside the .bin files)
-    tok = data.data_dir(cfg.data) / "tokenizer.json"
-    out = export(model, a.out, a.format, tok if tok.exists() else None, cfg.data.batch_size)
+    # the run's tokenizer, found as the trainer finds it (data.tokenizer, else the data folder's tokenizer.json)
+    out = export(model, a.out, a.format, tokenizer.path(cfg.data), cfg.data.batch_size)
     loader = "LlamaForCausalLM" if a.format == "hf" else "PicoDecoderHF"
     print(f"exported step {loop['step']} of {a.src} to {out} ({loader}.from_pretrained({str(out)!r}))")
     return out
 
 
 if __name__ == "__main__":
+    host.cpu_unless_accelerator()
     try:
         main()
-    except (ConfigError, CheckpointError) as e:  # bad input: the message says what to fix, no traceback
+    except (ConfigError, CheckpointError, DataError) as e:  # bad input: the message says what to fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -12,16 +12,17 @@ text is encoded and decoded.
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 import jax
 
 import data
+import host
 import prepare
 import train_state
 from checkpoint import CheckpointError
 from config import ConfigError
 from model import generate_ids
+from tokenizer import path as tokenizer_path
 
 
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
@@ -43,11 +44,13 @@ def open_run(path, step: int | None = None, tokenizer=None):
 
 
 def run_tokenizer(cfg, tokenizer=None):
-    """The tokenizer of a run (the tokenizer.json in its data folder), or the tokenizer.json `tokenizer`."""
-    tok_path = Path(tokenizer) if tokenizer else data.data_dir(cfg.data) / "tokenizer.json"
-    if not tok_path.exists():
-        raise data.DataError(f"no tokenizer at {tok_path}; pass --tokenizer PATH, the tokenizer.json the data was "
-                             f"prepared with")
+    """The tokenizer of a run (its data.tokenizer, else the tokenizer.json in its data folder), or `tokenizer`
+    (a tokenizer.json or a Hub tokenizer id)."""
+    tok_path = tokenizer_path(cfg.data, tokenizer)
+    if tok_path is None:
+        raise data.DataError(f"the run has no tokenizer (no data.tokenizer, no tokenizer.json in "
+                             f"{data.data_dir(cfg.data)}); pass --tokenizer PATH, the tokenizer.json the data was "
+                             f"prepared with, or a Hub tokenizer id")
     return prepare.load_tokenizer(tok_path)
 
 
@@ -61,7 +64,7 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the one of the run's data)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json or a Hub tokenizer id (default: the run's)")
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         p.error(f"--max-new-tokens={a.max_new_tokens}; use 1 or more")
@@ -76,4 +79,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host.cpu_unless_accelerator()
     main()

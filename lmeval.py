@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 import generate
+import host
 import prepare
 import train_state
 from checkpoint import CheckpointError
@@ -259,7 +260,7 @@ def main(argv=None):
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--include-path", default=None, help="a folder of task YAML files of your own")
     p.add_argument("--wandb", default="disabled", choices=["disabled", "offline", "online"])
-    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the one of the run's data)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json or a Hub tokenizer id (default: the run's)")
     a = p.parse_args(argv)
     limit = None if a.limit is None else (int(a.limit) if a.limit >= 1 else a.limit)
     try:
@@ -273,4 +274,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    host.cpu_unless_accelerator()
     main()

@@ -4,9 +4,32 @@ A module of its own because the loop only reports to it, as it hands checkpoints
 evaluation.Evaluator; what a line looks like and where it goes is not the loop's concern.
 """
 import json
+import netrc
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
+
+from config import ConfigError
+
+
+def check_wandb(mode: str):
+    """wandb.mode=online needs W&B credentials (WANDB_API_KEY, or the netrc entry `wandb login` writes for
+    WANDB_BASE_URL's host): without them, an error at start-up that says what to do, not W&B's traceback once the
+    data and the model are built."""
+    if mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        found = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        found = None
+    if not found:
+        raise ConfigError(f"wandb.mode=online but this machine has no W&B credentials (no WANDB_API_KEY, no entry for "
+                          f"{host} in {path}); run `wandb login` or set WANDB_API_KEY, or log locally with "
+                          f"wandb.mode=offline (upload later with `wandb sync`) or not at all with wandb.mode=disabled")
 
 
 class RunLog:

@@ -21,7 +21,8 @@ from config import ConfigError
 class Saver:
     """What a run saves with each checkpoint into `ckpt` (its Orbax manager), as cfg.checkpoint asks."""
 
-    def __init__(self, cfg, ckpt: Checkpoints, mcfg, mesh, data_dir: Path, train_data, dynamics_rows, batch_sharding):
+    def __init__(self, cfg, ckpt: Checkpoints, mcfg, mesh, tokenizer: Path | None, train_data, dynamics_rows,
+                 batch_sharding):
         c = cfg.checkpoint
         self.cfg, self.mcfg, self.mesh = cfg, mcfg, mesh
         self.train_data, self.dynamics_rows, self.batch_sharding = train_data, dynamics_rows, batch_sharding
@@ -36,8 +37,7 @@ class Saver:
         if c.hf_model:
             try:
                 export.check_llama(mcfg)
-                tokenizer = data_dir / "tokenizer.json"
-                self.hf_models = export.CheckpointModels(mcfg, tokenizer if tokenizer.exists() else None)
+                self.hf_models = export.CheckpointModels(mcfg, tokenizer)  # the run's tokenizer.json, or None
             except ConfigError as e:  # not a Llama: said once at start-up
                 self.hf_note = f"checkpoints have no Hugging Face files ({e}); checkpoint.hf_model=false silences this"
         self.dynamics_step = None

@@ -11,6 +11,8 @@ to hold as many rows as the first (pico's do; pico-train's resume arithmetic ass
 opened.
 """
 import fnmatch
+import json
+import os
 import re
 import threading
 import time
@@ -25,6 +27,7 @@ from huggingface_hub import HfApi, hf_hub_download
 
 from config import DataError, brief
 
+LISTING = ".picojax-files"  # a Hub dataset's file list, kept beside its cached shards
 NUMBERED = re.compile(r"-(\d+)-of-(\d+)\.parquet$")  # train-00003-of-10000.parquet
 
 
@@ -54,15 +57,35 @@ class HubFiles:
         self.repo, self.revision, self.endpoint, self.retries = repo, revision, endpoint, retries
         self.dir = cache_folder(cache_dir, repo)
         self.max_bytes = int(max_gb * 2 ** 30)
-        try:
-            files = HfApi(endpoint=endpoint).list_repo_files(repo, repo_type="dataset", revision=revision)
-        except Exception as e:
-            raise DataError(f"the Hub dataset {repo} could not be listed ({brief(e)}); offline, pre-fetch the shards "
-                            f"the run needs where the network is there (`hf download {repo} --repo-type dataset "
-                            f"--include 'data/train-0000*' --local-dir DIR`) and set data.dir=DIR") from None
-        self.names = sorted(fnmatch.filter(files, "*.parquet"))
+        self.names = sorted(fnmatch.filter(self._list(), "*.parquet"))
         self.pool, self.pending, self.used = ThreadPoolExecutor(max_workers=2), {}, OrderedDict()
         self.lock = threading.Lock()
+
+    def _list(self) -> list[str]:
+        """The dataset's files, from the Hub; each listing is kept in the cache (LISTING) so that a run whose
+        shards are cached starts without the network (HF_HUB_OFFLINE=1, or the Hub out of reach)."""
+        listing = self.dir / f"{LISTING}{'@' + self.revision if self.revision else ''}.json"
+        try:
+            files = HfApi(endpoint=self.endpoint).list_repo_files(self.repo, repo_type="dataset",
+                                                                  revision=self.revision)
+        except Exception as e:
+            if listing.exists():
+                print(f"data: the Hub dataset {self.repo} could not be listed ({brief(e, 80)}); using its listing "
+                      f"cached in {listing}")
+                return json.loads(listing.read_text())
+            where = f"data.hf_endpoint={self.endpoint}" if self.endpoint else \
+                f"HF_ENDPOINT={os.environ['HF_ENDPOINT']}" if os.environ.get("HF_ENDPOINT") else "the Hub"
+            raise DataError(f"the Hub dataset {self.repo} could not be listed from {where} ({brief(e)}). Check the "
+                            f"name; without the network here: fetch the shards the run needs where there is one "
+                            f"(`hf download {self.repo} --repo-type dataset --include 'data/train-0000*' --local-dir "
+                            f"DIR`) and set data.dir=DIR (or use your own .bin files: data.dir=DIR), set "
+                            f"data.hf_endpoint to a Hub mirror you can reach, or fill the cache {self.dir} on a "
+                            f"machine with the network (one start of the run there) and copy it here") from None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = listing.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(files))
+        os.replace(tmp, listing)  # whole or not at all
+        return files
 
     def _download(self, name: str) -> Path:
         for attempt in range(self.retries):

@@ -27,15 +27,15 @@ import config
 import data
 import export
 import maml
-import prepare
 import relora
+import tokenizer
 import train_state
 from checkpoint import Checkpoints
 from config import ConfigError
 from evaluation import Evaluator
 from host import peak_flops, throughput
 from model import BATCH_AXES, LanguageModel, count_params
-from runlog import RunLog
+from runlog import RunLog, check_wandb
 from saving import Saver
 from steps import check_batch, jit_eval_step, jit_train_step
 
@@ -114,13 +114,18 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         config.check_keys(cfg)
         self.cfg = cfg
+        self.is_main = jax.process_index() == 0
+        if self.is_main:
+            check_wandb(cfg.wandb.mode)  # before the data: a missing login is known now
         self.mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
         check_batch(self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
         self.run_dir = Path(cfg.run_dir)
-        self.is_main = jax.process_index() == 0
         self.data_dir = data.data_dir(cfg.data)
-        # data first: bad sources fail before anything compiles
+        # the tokenizer and the data first: a bad source fails before anything compiles
+        self.tokenizer_path = tokenizer.path(cfg.data)
         self.train_rows, self.valid_rows, dynamics_rows, eval_sets = data.open_run_data(cfg)
+        tok = tokenizer.load(self.tokenizer_path)
+        tokenizer.check_vocab(tok, self.tokenizer_path, cfg.model.vocab_size)
         self.train_data = data.TrainData(self.train_rows, cfg.seed, cfg.data.batch_size, cfg.data.order)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
@@ -128,13 +133,10 @@ class Trainer:
         self.mcfg, self.relora, self.schedule, self.graphdef, self.state = train_state.build(cfg, self.mesh,
                                                                                             weights)
         self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        self.evaluator = Evaluator(cfg, self.mesh, self.mcfg, self.data_dir, eval_sets, self.valid_rows,
-                                   self.batch_sharding)
-        self.saver = Saver(cfg, self.ckpt, self.mcfg, self.mesh, self.data_dir, self.train_data, dynamics_rows,
+        self.evaluator = Evaluator(cfg, self.mesh, self.mcfg, tok, eval_sets, self.valid_rows, self.batch_sharding)
+        self.saver = Saver(cfg, self.ckpt, self.mcfg, self.mesh, self.tokenizer_path, self.train_data, dynamics_rows,
                            self.batch_sharding)
-        tokenizer = self.data_dir / "tokenizer.json"
-        self.objective, self.mask_note = maml.objective(maml.config_of(cfg), self.mcfg,
-                                                        prepare.load_tokenizer(tokenizer) if tokenizer.exists() else None)
+        self.objective, self.mask_note = maml.objective(maml.config_of(cfg), self.mcfg, tok)
         self.meter, self.record, self.last_eval = Meter(maml.PER_META), RunLog(self.run_dir, self.is_main), None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
@@ -237,13 +239,17 @@ class Trainer:
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
         tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
                 "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
-        notes = [self.init_note, *self.mcfg.notes(), self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
+        notes = [data.epochs_note(self.train_rows, cfg), self.tokenizer_note(), self.init_note, *self.mcfg.notes(), self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
                  tasks, *self.relora.notes(self.graphdef, self.state), self.mask_note,
                  *(self.objective.notes(self.model) if self.objective else ())]
         for note in notes:
             if note:
                 print(note)
         self.record.start_wandb(cfg, self.n_params)
+
+    def tokenizer_note(self) -> str:
+        return f"tokenizer: {self.tokenizer_path}" if self.tokenizer_path else \
+            "tokenizer: none (no data.tokenizer, no tokenizer.json beside the data): samples print token ids"
 
     def run(self) -> dict:
         cfg, steps = self.cfg, self.cfg.train.steps

@@ -46,7 +46,11 @@ class Hub:
 
     def add_dataset(self, repo: str, files: dict):
         """A dataset repo holding `files` {path: bytes} on main."""
-        r = self.repos[f"datasets/{repo}"] = Repo()
+        self.add_model(f"datasets/{repo}", files)
+
+    def add_model(self, repo: str, files: dict):
+        """A model repo (a tokenizer's, say) holding `files` {path: bytes} on main."""
+        r = self.repos[repo] = Repo()
         r.branches["main"] = r.new_commit(r.branches["main"], "add files", {".gitattributes": b"", **files})
 
     def titles(self, repo, rev):

@@ -94,6 +94,42 @@ def test_eval_max_tokens_below_one_eval_batch(tiny_cfg):
         train.Trainer(tiny_cfg("eval.max_tokens=64"))
 
 
+@pytest.mark.parametrize("overrides", [["model.seq_len=2048", "eval.batch_size=32"], ["data.batch_size=32768"]])
+def test_the_builtin_corpus_under_a_run_it_cannot_hold(tiny_cfg, overrides):
+    # seq 2048: 15 validation sequences, fewer than an eval batch of 32; a batch of 32768 rows: more than it holds
+    with pytest.raises(DataError, match=words("the built-in corpus", "for local and Colab runs", "data.batch_size",
+                                              "eval.batch_size", "data.hf_dataset=pico-lm/pretokenized-dolma",
+                                              "data.tokenizer=allenai/OLMo-7B-0724-hf", "-cn tpu", "data.dir=DIR")):
+        train.Trainer(tiny_cfg(*overrides))
+
+
+def test_a_tokenizer_path_that_is_not_there(tiny_cfg, tmp_path):
+    with pytest.raises(DataError, match=words(f"data.tokenizer={tmp_path / 'nope.json'}", "no such file",
+                                              "Hub tokenizer id")):
+        train.Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'nope.json'}"))
+
+
+def test_wandb_online_without_credentials(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with pytest.raises(ConfigError, match=words("wandb.mode=online", "no W&B credentials", "wandb login",
+                                                "WANDB_API_KEY", "wandb.mode=offline")):
+        train.Trainer(tiny_cfg("wandb.mode=online", "data.dir=/nonexistent"))  # said before the data is opened
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "0" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # `wandb login`'s entry: the check passes
+    with pytest.raises(DataError, match="train.bin does not exist"):
+        train.Trainer(tiny_cfg("wandb.mode=online", "data.dir=/nonexistent"))
+
+
+def test_the_epochs_a_run_makes_are_said_at_start_up(tiny_cfg, capsys):
+    trainer = train.Trainer(tiny_cfg("train.steps=2000"))  # 32,000 rows of the corpus's 23,134 at seq_len 32
+    n = trainer.train_rows.n_rows
+    trainer.start()
+    out = capsys.readouterr().out
+    assert f"warning: data: train.steps=2,000 x data.batch_size=16 = 32,000 rows of the {n:,}" in out
+    assert f"{32000 / n:.3g} epochs; rows repeat (each epoch in a new order, data.order=shuffled)" in out
+
+
 # ---------------------------------------------------------------------------------------------- model and layout
 
 def test_n_heads_not_divisible_by_n_kv_heads(tiny_cfg):

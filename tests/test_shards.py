@@ -118,9 +118,15 @@ def test_a_hub_dataset_is_fetched_ahead_retried_and_cached_within_its_bound(tmp_
         assert len(cached) <= 2 and "train-00003-of-00004.parquet" in cached  # the oldest evicted
         np.testing.assert_array_equal(data.open_source("hf://datasets/pico-lm/toks", None, d, V, T).read([0, 23]),
                                       val[[0, 23]])
+        full = dcfg(cache_dir=str(tmp_path / "full"), hf_endpoint=hub.url)  # a cache that holds every shard
+        data.open_source("hf://datasets/pico-lm/toks", "train", full, V, T).read(np.arange(len(rows)))
     finally:
         hub.close()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # offline: a clear error, no traceback
-    with pytest.raises(DataError, match=r"pico-lm/toks could not be listed .*`hf download pico-lm/toks --repo-type "
-                                        r"dataset .* set data.dir=DIR"):
-        data.open_source("hf://datasets/pico-lm/toks", "train", d, V, T)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    # offline (or the Hub down), a filled cache opens as it did: its listing is kept beside the shards
+    again = data.open_source("hf://datasets/pico-lm/toks", "train", full, V, T)
+    np.testing.assert_array_equal(data.TrainData(again, 0, len(rows), "sequential").rows(0), rows)
+    # without one: a clear error naming the ways out, no traceback
+    with pytest.raises(DataError, match=r"(?s)pico-lm/toks could not be listed .*`hf download pico-lm/toks "
+                                        r"--repo-type dataset .* set data.dir=DIR.*data.hf_endpoint.*fill the cache"):
+        data.open_source("hf://datasets/pico-lm/toks", "train", dcfg(cache_dir=str(tmp_path / "none")), V, T)
