@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 CONFIGS = Path(__file__).resolve().parent / "configs"
 RESOLVERS = {
     "mul": lambda *xs: math.prod(xs),  # ${mul:a,b} = a * b (base.yaml: d_hidden = 4 d_model)
-    "unless": lambda given, value, otherwise=None: otherwise if given else value,  # tpu.yaml: pico's data unless data.dir
+    # ${unless:a,b[,c]} = b unless a is set, else c (null): tpu.yaml and gpu.yaml give pico's data unless data.dir
+    "unless": lambda given, value, otherwise=None: otherwise if given else value,
 }
 
 # A block's linear layers, the one table of their names: picojax path under blocks.<i> ->

@@ -278,4 +278,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     host.reuse_host_memory()  # as main.py does: on CPU, each step reuses the last one's memory (a restart)
+    host.cpu_unless_accelerator()  # and no plugin tracebacks on a host without chips
     main()

@@ -98,7 +98,8 @@ def test_the_shipped_tpu_and_gpu_commands_start_pico_trains_run(pico_hub, tmp_pa
     assert tok("The cat sat")["input_ids"] == ours.encode("The cat sat").ids
     model = transformers.AutoModelForCausalLM.from_pretrained(step_dir)
     hf = json.loads((step_dir / "config.json").read_text())
-    assert (hf["eos_token_id"], hf["pad_token_id"]) == (ours.token_to_id("<|endoftext|>"), ours.token_to_id("<|padding|>"))
+    special = (ours.token_to_id("<|endoftext|>"), ours.token_to_id("<|padding|>"))
+    assert (hf["eos_token_id"], hf["pad_token_id"]) == special
     with torch.no_grad():
         logits = model(torch.tensor([tok("The cat sat")["input_ids"]])).logits
     assert logits.shape[-1] == 1024 and torch.isfinite(logits).all()
