@@ -25,7 +25,8 @@ from data import DataError
 
 @hydra.main(version_base=None, config_path="configs", config_name="local")
 def main(cfg):
-    for name in ("jax", "absl"):  # not INFO lines about absent backends and every Orbax save step
+    # not INFO lines about absent backends, every Orbax save step and every Hub request (huggingface_hub's httpx)
+    for name in ("jax", "absl", "httpx", "httpx2", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.WARNING)
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and not any(o.startswith("run_dir=") for o in hc.overrides.task):
