@@ -18,6 +18,7 @@ Dimensions, used in every shape comment and einsum string:
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import ClassVar
 
 import jax
@@ -237,19 +238,41 @@ class Linear(nnx.Module):
         self.dtype = jnp.dtype(cfg.dtype)
 
     def __call__(self, x):  # [..., in] -> [..., out]
-        return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return dense(x.astype(self.dtype), self.kernel[...], self.dtype)
 
     def merged_kernel(self):
         """The kernel [in, out] this layer computes with (relora.LoRALinear answers the same)."""
         return self.kernel[...]
 
 
-def dense(x, w):
+def dense(x, w, dtype=None):
     """x [..., in] @ w [in, out] as one 2-D matmul [N, in] @ [in, out]: with a 3-D x, XLA:CPU forms
     the weight gradient through a slow transposing copy of the output gradient (benchmarks/
-    RESULTS.md). Free elsewhere."""
-    y = x.reshape(-1, x.shape[-1]) @ w
+    RESULTS.md). Free elsewhere. With `dtype`, w is a float32 parameter computed with in `dtype`,
+    and its gradient is made in float32 (_cast_matmul)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w if dtype is None else _cast_matmul(x2, w, jnp.dtype(dtype).name)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cast_matmul(x, w, dtype: str):
+    """x [N, in] @ w.astype(dtype), w [in, out] float32, whose gradient x^T g is a float32 matmul output: the
+    partial sums that a batch split over devices reduces are float32. Autodiff of the cast made it in `dtype`,
+    and XLA:GPU reduce-scattered the block weights' gradients in bfloat16 before casting them (issue #36)."""
+    return x @ w.astype(dtype)
+
+
+def _cast_matmul_fwd(x, w, dtype):
+    return x @ w.astype(dtype), (x, w)  # the float32 shard, cast again (and gathered again) for the backward
+
+
+def _cast_matmul_bwd(dtype, res, g):
+    x, w = res
+    return (g @ w.astype(dtype).T).astype(x.dtype), jnp.dot(x.T, g, preferred_element_type=jnp.float32)
+
+
+_cast_matmul.defvjp(_cast_matmul_fwd, _cast_matmul_bwd)
 
 
 class RMSNorm(nnx.Module):
