@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from omegaconf import OmegaConf
 
 import config
 import maml
@@ -25,6 +26,7 @@ from chips import Target, target
 from config import ConfigError
 from model import BATCH_AXES, ModelConfig
 from steps import check_batch, jit_eval_step, jit_train_step
+from traffic import Traffic, count as count_traffic, fsdp_minimum, summary
 
 GIB = 1 << 30  # memory is printed in GiB, as XLA's messages print it ("15.75G")
 KNOBS = ("data.grad_accum (smaller micro-batches), model.remat=block (recompute each block), model.loss_chunk=1024 "
@@ -85,12 +87,14 @@ def out_of_memory(e: Exception) -> bool:
 @dataclasses.dataclass
 class Program:
     """One compiled step: its memory plan, XLA's cost analysis (TPU only; None on GPU), its text (the lowered
-    StableHLO when the compiler refused it), compile time."""
+    StableHLO when the compiler refused it), compile time, and what it sends between chips per device and run
+    (counted from its compiled text; None when refused)."""
     name: str
     memory: Memory
     cost: dict | None
     text: str
     seconds: float
+    traffic: Traffic | None = None
 
 
 def compile_step(name: str, jitted, args, mesh) -> Program:
@@ -112,7 +116,9 @@ def compile_step(name: str, jitted, args, mesh) -> Program:
         jax.config.update("jax_enable_compilation_cache", cache)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return Program(name, Memory.of(compiled), cost or None, compiled.as_text() or "", time.perf_counter() - t)
+    text = compiled.as_text() or ""
+    return Program(name, Memory.of(compiled), cost or None, text, time.perf_counter() - t,
+                   count_traffic(text, mesh.size))
 
 
 def attention_in(text: str, platform: str) -> tuple[str, int]:
@@ -137,16 +143,26 @@ class Build:
     graphdef: object
     state: object
     objective: object = None  # steps.train_step's (maml.Objective with model.maml), None: next-token prediction
+    note: str | None = None  # how data.grad_accum=auto was chosen
+    chosen: "Program | None" = None  # and the train step it compiled for the choice
 
 
 def build(cfg, spec: str, wrapped: bool = False) -> Build:
     """The run of `cfg` as it would start on `spec`'s chips (its checks first: keys, mesh, batch, model), with the
     state as shapes carrying their shardings; `wrapped`: in the layout after ReLoRA's warm start (LoRA branches on
-    frozen weights) where the run starts full-rank."""
+    frozen weights) where the run starts full-rank. data.grad_accum=auto is chosen first (auto_grad_accum)."""
     config.check_keys(cfg)
     tgt = target(spec)
-    devices = tgt.devices()
-    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, devices)
+    mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, tgt.devices())
+    note = chosen = None
+    if cfg.data.grad_accum == "auto":
+        accum, note, chosen = auto_grad_accum(cfg, tgt, mesh)
+        cfg = OmegaConf.merge(cfg, {"data": {"grad_accum": accum}})
+    return dataclasses.replace(on_devices(cfg, tgt, mesh, wrapped), note=note, chosen=chosen)
+
+
+def on_devices(cfg, tgt: Target, mesh, wrapped: bool = False) -> Build:
+    """`build` on a mesh of `tgt`'s devices, data.grad_accum a number."""
     check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
     mcfg, plan, schedule, graphdef, state = train_state.build(cfg, mesh, platform=tgt.chip.platform, abstract=True,
                                                               compute_capability=tgt.chip.compute_capability())
@@ -173,25 +189,66 @@ def compile_train(b: Build, grad_accum: int | None = None) -> Program:
     step = jit_train_step(b.graphdef, b.state, b.mesh, b.plan, accum, c.train.nan_policy == "skip", b.objective)
     with jax.set_mesh(b.mesh):
         arguments = step.arguments(b.state, batch_of(b, c.data.batch_size))
-    programs = [compile_step(f"train {k}", step.programs[k], args, b.mesh) for k, args in arguments.items()]
-    largest = max(programs, key=lambda p: (p.memory.error is not None, p.memory.total))
-    costs = [p.cost for p in programs if p.cost]
+    programs = {k: compile_step(f"train {k}", step.programs[k], args, b.mesh) for k, args in arguments.items()}
+    largest = max(programs.values(), key=lambda p: (p.memory.error is not None, p.memory.total))
+    costs = [p.cost for p in programs.values() if p.cost]
+    sent = None if any(p.traffic is None for p in programs.values()) else \
+        sum((p.traffic.scaled(accum if k == "accumulate" else 1) for k, p in programs.items()), Traffic())
     return Program("train", largest.memory, max(costs, key=lambda x: x.get("flops", 0)) if costs else None,
-                   "\n".join(p.text for p in programs), sum(p.seconds for p in programs))
+                   "\n".join(p.text for p in programs.values()), sum(p.seconds for p in programs.values()), sent)
 
 
 def compile_eval(b: Build) -> Program:
     return compile_step("eval", jit_eval_step(b.graphdef), (b.state, batch_of(b, b.cfg.eval.batch_size)), b.mesh)
 
 
-def fits(p: Program, b: Build) -> bool:
-    return p.memory.error is None and p.memory.total <= b.target.chip.memory()
+def fits(p: Program, b: Build, spare: float = 0.0) -> bool:
+    return p.memory.error is None and p.memory.total <= (1 - spare) * b.target.chip.memory()
+
+
+SPARE = 0.1  # of the chip's memory that data.grad_accum=auto leaves free, as the shipped configs do
+
+
+def auto_grad_accum(cfg, tgt: Target | None, mesh) -> tuple[int, str, "Program | None"]:
+    """data.grad_accum=auto: the fewest micro-batches whose train step fits `tgt`'s chips with SPARE to spare (the
+    micro-batch search over compile-only memory, on the mesh the run has), the start-up line that says so and that
+    train step; 1 without an accelerator (tgt None: nothing to fit)."""
+    if tgt is None:
+        return 1, "data.grad_accum=auto: 1 (no accelerator here: the whole batch in one micro-batch)", None
+    b = on_devices(OmegaConf.merge(cfg, {"data": {"grad_accum": 1}}), tgt, mesh)
+    B, limit = cfg.data.batch_size, (1 - SPARE) * tgt.chip.memory()
+    counts = [a for a in range(1, B + 1) if B % a == 0 and (B // a) % mesh.size == 0]  # ascending
+    # a first guess from the lower bound (plans have been 1.4 to 3x it), then one count at a time each way
+    bound = lambda a: lower_bound(dataclasses.replace(b, cfg=OmegaConf.merge(b.cfg, {"data": {"grad_accum": a}})))
+    j = next((i for i, a in enumerate(counts) if 1.5 * (bound(a) or 0) <= limit), len(counts) - 1)
+    plans = {}
+
+    def ok(i):
+        if i not in plans:
+            plans[i] = compile_train(b, counts[i])
+        return fits(plans[i], b, SPARE)
+    if ok(j):
+        while j > 0 and ok(j - 1):
+            j -= 1
+    else:
+        j += 1
+        while j < len(counts) and not ok(j):
+            j += 1
+    n = len(plans)
+    if j == len(counts):
+        raise ConfigError(f"data.grad_accum=auto: no micro-batch of data.batch_size={B} fits {tgt.chip.name} with "
+                          f"{SPARE:.0%} to spare, not one sequence per device ({n} compiles); knobs that help: {KNOBS}")
+    accum, p = counts[j], plans[j]
+    micro = B // accum
+    return accum, (f"data.grad_accum=auto: {accum} (micro-batches of {micro} sequences), the fewest whose train step "
+                   f"fits {tgt.chip.name} with {SPARE:.0%} to spare: {gb(p.memory.total)} of {gb(tgt.chip.memory())} "
+                   f"per device ({n} compiles)"), p
 
 
 def largest_micro_batch(b: Build) -> tuple[int | None, Program | None, int]:
     """The largest micro-batch (data.batch_size / data.grad_accum, a multiple of the data-parallel size dividing
-    the batch) whose train step fits, by bisection over compile-only memory: (micro-batch or None, its program,
-    compiles made)."""
+    the batch) whose train step fits, by bisection over compile-only memory:
+    (micro-batch or None, its program, compiles made)."""
     B, dp = b.cfg.data.batch_size, b.mesh.size
     sizes = [m for m in range(dp, B + 1, dp) if B % m == 0]
     lo, hi, best, n = 0, len(sizes) - 1, (None, None), 0
@@ -250,11 +307,25 @@ def roofline(p: Program, b: Build, grad_accum: int) -> dict:
     cost = p.cost or {}
     traffic = p.memory.arguments + p.memory.outputs
     executed = model_flops * REMAT_FLOPS.get(getattr(b.mcfg, "remat", "none"), 1.0)
-    bound = max(executed / peak, traffic / chip.bandwidth)
+    times = dict(compute=executed / peak, memory=traffic / chip.bandwidth)
+    if p.traffic is not None and chip.interconnect and b.mesh.size > 1:  # the collectives, at the data sheet's rate
+        times["interconnect"] = p.traffic.total / chip.interconnect
+    bound = max(times.values())
     return dict(model_flops=model_flops, executed_flops=executed, xla_flops=cost.get("flops"),
                 xla_bytes=cost.get("bytes accessed"), xla_looped=grad_accum > 1 or getattr(b.mcfg, "scan_layers",
                                                                                            False),
-                bytes=traffic, step_s_min=bound, mfu_max=model_flops / peak / bound)
+                bytes=traffic, step_s_min=bound, mfu_max=model_flops / peak / bound, times=times,
+                bound=max(times, key=times.get))
+
+
+def traffic_summary(p: Program, b: Build, grad_accum: int) -> dict | None:
+    """What the train step sends between chips per device and step, against FSDP's minimum for the run (the
+    parameters split over mesh.fsdp; traffic.fsdp_minimum)."""
+    if p.traffic is None:
+        return None
+    params = jax.tree.leaves(nnx.state(nnx.merge(b.graphdef, b.state)[0], nnx.Param))
+    split = sum(x.size for x in params if tuple(x.sharding.shard_shape(x.shape)) != tuple(x.shape))
+    return summary(p.traffic, fsdp_minimum(split, dict(b.mesh.shape), grad_accum, np.dtype(b.mcfg.dtype).itemsize))
 
 
 def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state, objective=None) -> str:
@@ -281,7 +352,7 @@ def preflight(cfg, tgt: Target, mesh, mcfg, plan, graphdef, state, objective=Non
 def analyze(cfg, spec: str, search: bool = True) -> dict:
     """Compile `cfg`'s train and eval steps for `spec` and report (a dict, what `report` prints)."""
     b = build(cfg, spec)
-    train, evaluate = compile_train(b), compile_eval(b)
+    train, evaluate = b.chosen or compile_train(b), compile_eval(b)
     chip, c = b.target.chip, b.cfg
     expected, why = b.mcfg.attention_impl() if hasattr(b.mcfg, "attention_impl") else ("none", "no attention")
     found, calls = attention_in(train.text, chip.platform)
@@ -295,9 +366,9 @@ def analyze(cfg, spec: str, search: bool = True) -> dict:
                fits=fits(train, b) and fits(evaluate, b), compile_s=dict(train=train.seconds, eval=evaluate.seconds),
                attention=dict(expected=expected, why=why, found=found, calls=calls),
                roofline=roofline(train, b, c.data.grad_accum) if train.memory.error is None else None,
-               lower_bound=lower_bound(b))
+               traffic=traffic_summary(train, b, c.data.grad_accum), lower_bound=lower_bound(b), note=b.note)
     if b.plan.cfg and b.plan.wrapped_at(0) is None:  # ReLoRA's step after the warm start, a program of its own
-        wrapped = compile_train(build(cfg, spec, wrapped=True))
+        wrapped = compile_train(build(b.cfg, spec, wrapped=True))
         out["relora_train"] = dataclasses.asdict(wrapped.memory) | dict(total=wrapped.memory.total)
         out["fits"] = out["fits"] and fits(wrapped, b)
         out["compile_s"]["relora_train"] = wrapped.seconds
@@ -307,6 +378,7 @@ def analyze(cfg, spec: str, search: bool = True) -> dict:
                                           total=p.memory.total if p else None, compiles=n)
         if p is not None:
             out["roofline"] = roofline(p, b, c.data.batch_size // m)
+            out["traffic"] = traffic_summary(p, b, c.data.batch_size // m)
     return out
 
 
@@ -326,6 +398,8 @@ def report(r: dict) -> str:
              + (f" (HBM {gb(r['hbm'])}; jax preallocates XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.75)"
                 if r["hbm"] != lim and r["target"].startswith("gpu") else ""),
              f"eval step, per device: total {gb(e['total'])}"]
+    if r.get("note"):
+        lines.insert(1, r["note"])
     if r.get("lower_bound") and not t["error"]:
         lines.append(f"lower bound for the train step (state, one gradient, kept activations, one block's, one loss "
                      f"chunk's logits): {gb(r['lower_bound'])}; the plan is {t['total'] / r['lower_bound']:.2f}x it")
@@ -357,7 +431,15 @@ def report(r: dict) -> str:
         lines.append(f"per device and step: model {rf['model_flops'] / 1e12:.2f} TFLOP (executed with remat "
                      f"{rf['executed_flops'] / 1e12:.2f}), at least {gb(rf['bytes'])} moved (arguments + outputs)"
                      f"{xla}")
-        lines.append(f"roofline: step >= {rf['step_s_min'] * 1e3:.1f} ms, MFU <= {rf['mfu_max']:.0%}")
+        tr = r.get("traffic")
+        if tr and r["devices"] > 1:
+            lines.append(f"between chips, per device and step: {gb(tr['total'])} ({'; '.join(tr['kinds'])}), "
+                         f"{tr['total'] / tr['minimum']:.2f}x FSDP's minimum of {gb(tr['minimum'])} (weights "
+                         f"gathered in the compute dtype for the forward and the backward, gradients "
+                         f"reduce-scattered in float32)" + "".join(f"; {n}" for n in tr["notes"]))
+        times = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rf["times"].items())
+        lines.append(f"roofline: step >= {rf['step_s_min'] * 1e3:.1f} ms ({times}: {rf['bound']}-bound), "
+                     f"MFU <= {rf['mfu_max']:.0%}")
     a = r["attention"]
     kernel = {"cudnn": "cuDNN fused attention", "splash": "Pallas splash attention",
               "xla": "flash attention in JAX (XLA ops, no fused kernel)"}

@@ -35,6 +35,7 @@ class Chip:
     topology: str = ""  # a TPU generation's name in libtpu topologies (v5e:2x4)
     cores_per_chip: int = 1  # a TPU name's count (v4-8) counts cores; a v4 / v5p chip has 2 (one JAX device)
     usable: float = 0.0  # HBM a program may plan per device: on TPU the compiler's own limit (0: hbm)
+    interconnect: float = 0.0  # bytes/s between chips per chip, the data sheet's figure (ICI; NVLink; PCIe); 0: unknown
 
     def compute_capability(self) -> str:
         """A GPU's, e.g. "9.0" ("" for a TPU)."""
@@ -65,30 +66,34 @@ def _gpu(sms, cc, clock_ghz, l2_mb, smem_optin, smem_core, threads_core, fpus, m
 # Data sheets: Google Cloud's TPU system architecture pages (per chip; a v2 / v3 JAX device is one core, half a
 # chip; `usable`: the HBM libtpu's compiler allows a program, read from its RESOURCE_EXHAUSTED message), NVIDIA's
 # H100 / H200 / A100 / L4 / T4 data sheets (SXM parts; dense, without sparsity). Memory sizes of the GPUs are what
-# the driver reports (a little under the marketed GB).
+# the driver reports (a little under the marketed GB). `interconnect`: the TPU pages' ICI bandwidth per chip (v4 2400,
+# v5e 1600, v5p 4800, v6e 3584 Gbps), NVIDIA's NVLink per GPU (H100 / H200 900, A100 600 GB/s), PCIe for the L4
+# (Gen4 x16, 64 GB/s) and the T4 (Gen3 x16, 32 GB/s); all both directions together, as the sheets quote them.
 CHIPS = {
     "v2": Chip("TPU v2", "tpu", ("TPU v2",), 22.5 * T, 22.5 * T, 8 * GIB, 350 * G),
     "v3": Chip("TPU v3", "tpu", ("TPU v3",), 61.5 * T, 61.5 * T, 16 * GIB, 450 * G),
     "v4": Chip("TPU v4", "tpu", ("TPU v4",), 275 * T, 275 * T, 32 * GIB, 1228 * G, topology="v4", cores_per_chip=2,
-               usable=30.75 * GIB),
+               usable=30.75 * GIB, interconnect=300 * G),
     "v5e": Chip("TPU v5e", "tpu", ("TPU v5 lite", "TPU v5e"), 197 * T, 197 * T, 16 * GIB, 819 * G, topology="v5e",
-                usable=15.75 * GIB),
+                usable=15.75 * GIB, interconnect=200 * G),
     "v5p": Chip("TPU v5p", "tpu", ("TPU v5p", "TPU v5"), 459 * T, 459 * T, 96 * GIB, 2765 * G, topology="v5p",
-                cores_per_chip=2, usable=95.74 * GIB),
+                cores_per_chip=2, usable=95.74 * GIB, interconnect=600 * G),
     "v6e": Chip("TPU v6e", "tpu", ("TPU v6 lite", "TPU v6e"), 918 * T, 918 * T, 32 * GIB, 1640 * G, topology="v6e",
-                usable=31.25 * GIB),
+                usable=31.25 * GIB, interconnect=448 * G),
     "h100": Chip("NVIDIA H100 80GB HBM3", "gpu", ("H100",), 989 * T, 67 * T, 84929347584, 3.35e12,
-                 _gpu(132, (9, 0), 1.98, 50, 232448, 233472, 2048, 128, 84929347584, 3.35e12)),
+                 _gpu(132, (9, 0), 1.98, 50, 232448, 233472, 2048, 128, 84929347584, 3.35e12), interconnect=900 * G),
     "h200": Chip("NVIDIA H200", "gpu", ("H200",), 989 * T, 67 * T, 150754820096, 4.8e12,
-                 _gpu(132, (9, 0), 1.98, 50, 232448, 233472, 2048, 128, 150754820096, 4.8e12)),
+                 _gpu(132, (9, 0), 1.98, 50, 232448, 233472, 2048, 128, 150754820096, 4.8e12), interconnect=900 * G),
     "a100": Chip("NVIDIA A100-SXM4-80GB", "gpu", ("A100-SXM4-80GB", "A100 80GB"), 312 * T, 19.5 * T, 85167464448,
-                 2.039e12, _gpu(108, (8, 0), 1.41, 40, 166912, 167936, 2048, 64, 85167464448, 2.039e12)),
+                 2.039e12, _gpu(108, (8, 0), 1.41, 40, 166912, 167936, 2048, 64, 85167464448, 2.039e12),
+                 interconnect=600 * G),
     "a100-40g": Chip("NVIDIA A100-SXM4-40GB", "gpu", ("A100",), 312 * T, 19.5 * T, 42505273344, 1.555e12,
-                     _gpu(108, (8, 0), 1.41, 40, 166912, 167936, 2048, 64, 42505273344, 1.555e12)),
+                     _gpu(108, (8, 0), 1.41, 40, 166912, 167936, 2048, 64, 42505273344, 1.555e12),
+                     interconnect=600 * G),
     "l4": Chip("NVIDIA L4", "gpu", ("L4",), 121 * T, 30.3 * T, 24152899584, 300 * G,
-               _gpu(58, (8, 9), 2.04, 48, 101376, 102400, 1536, 128, 24152899584, 300 * G)),
+               _gpu(58, (8, 9), 2.04, 48, 101376, 102400, 1536, 128, 24152899584, 300 * G), interconnect=64 * G),
     "t4": Chip("Tesla T4", "gpu", ("T4",), 65 * T, 8.1 * T, 15843000320, 320 * G,
-               _gpu(40, (7, 5), 1.59, 4, 65536, 65536, 1024, 64, 15843000320, 320 * G)),
+               _gpu(40, (7, 5), 1.59, 4, 65536, 65536, 1024, 64, 15843000320, 320 * G), interconnect=32 * G),
 }
 CUDA_RUNTIME, CUDNN = (12, 8, 0), (9, 8)  # what the described GPUs run: jax[cuda12]'s CUDA and cuDNN wheels
 # a TPU slice's chips -> its topology, 2-D (v5e, v6e) and 3-D (v4, v5p) tori

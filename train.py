@@ -118,6 +118,9 @@ class Trainer:
         if self.is_main:
             check_wandb(cfg.wandb.mode)  # before the data: a missing login is known now
         self.mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+        self.accelerator, self.memory_note, self.accum_note = chips.here(), None, None
+        if cfg.data.grad_accum == "auto":  # chosen by compiling for the chips here, then the run's own number
+            cfg.data.grad_accum, self.accum_note, _ = aot.auto_grad_accum(cfg, self.accelerator, self.mesh)
         check_batch(self.mesh, cfg.data.batch_size, cfg.data.grad_accum, cfg.eval.batch_size)
         self.run_dir = Path(cfg.run_dir)
         self.data_dir = data.data_dir(cfg.data)
@@ -140,7 +143,6 @@ class Trainer:
         self.meter, self.record, self.last_eval = Meter(maml.PER_META), RunLog(self.run_dir, self.is_main), None
         self.n_params = count_params(self.model, (nnx.Param, relora.Frozen))
         self.start_step = self.saved_step = self.resume()
-        self.accelerator, self.memory_note = chips.here(), None
         self.jit_steps()
 
     def resume(self) -> int:
@@ -239,8 +241,9 @@ class Trainer:
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
         tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
                 "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
-        notes = [data.epochs_note(self.train_rows, cfg), self.tokenizer_note(), self.init_note, *self.mcfg.notes(), self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
-                 tasks, *self.relora.notes(self.graphdef, self.state), self.mask_note,
+        notes = [data.epochs_note(self.train_rows, cfg), self.tokenizer_note(), self.init_note, *self.mcfg.notes(),
+                 self.accum_note, self.memory_note, self.saver.dynamics_note, self.saver.hf_note, tasks,
+                 *self.relora.notes(self.graphdef, self.state), self.mask_note,
                  *(self.objective.notes(self.model) if self.objective else ())]
         for note in notes:
             if note:

@@ -60,6 +60,8 @@ from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import aot  # noqa: E402
+import chips  # noqa: E402
 import config  # noqa: E402
 import data  # noqa: E402
 import host  # noqa: E402
@@ -127,6 +129,9 @@ def measure(a) -> dict:
     cfg = compose(a)
     config.check_keys(cfg)
     mesh = train_state.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    if cfg.data.grad_accum == "auto":  # as the trainer chooses it (-cn gpu and -cn tpu ship it)
+        cfg.data.grad_accum, note, _ = aot.auto_grad_accum(cfg, chips.here(), mesh)
+        print(note, file=sys.stderr)
     steps.check_batch(mesh, cfg.data.batch_size, cfg.data.grad_accum, mesh.size)
     mcfg, plan, _, graphdef, state = train_state.build(cfg, mesh)
     B, T = cfg.data.batch_size, mcfg.seq_len

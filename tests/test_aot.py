@@ -8,14 +8,16 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
-
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import aot
 import chips
 import config
 import relora
+import traffic
 import train
 import train_state
 from conftest import ROOT
@@ -212,6 +214,49 @@ def test_main_py_compiles_for_a_target_and_trains_nothing(tmp_path):
     assert bad.returncode == 2 and "names no TPU slice; known chips" in bad.stderr
 
 
+@pytest.mark.parametrize("spec", ["tpu:v5e-4", "gpu:h100x2"])
+def test_traffic_counts_each_collective_once_per_run_of_its_loop(spec):
+    """traffic.count on a compiled program of known collectives: an all-gather in a loop of 3 trips (its carry in
+    the gather, so XLA cannot hoist it) and a reduce-scatter after it (on a TPU, an all-reduce sliced)."""
+    compile_target(spec)
+    devices = chips.target(spec).devices()
+    n, m, k = len(devices), 1024, 2048
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+
+    def f(c, big):
+        def body(i, c):
+            return jax.lax.all_gather(c, "x", tiled=True).reshape(n, m).sum(0) * 0.5 + i
+        c = jax.lax.fori_loop(0, 3, body, c)
+        return c, jax.lax.psum_scatter(big, "x", tiled=True)
+
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("x"), P()), out_specs=(P("x"), P("x"))))
+    args = (jax.ShapeDtypeStruct((n * m,), "float32", sharding=NamedSharding(mesh, P("x"))),
+            jax.ShapeDtypeStruct((k,), "float32", sharding=NamedSharding(mesh, P())))
+    text = g.lower(*args).compile().as_text()
+    t = traffic.count(text, n)
+    assert t.of("all-gather", "f32") == pytest.approx(3 * n * m * 4 * (n - 1) / n)
+    if re.search(r" reduce-scatter(-start)?\(|AllReduceScatterFusion", text):  # a reduce-scatter, or fused as one
+        assert t.of("reduce-scatter", "f32") == pytest.approx(k * 4 * (n - 1) / n)
+    else:  # XLA:TPU ran this small one as a whole all-reduce, then a slice: twice the bytes
+        assert t.of("all-reduce", "f32") == pytest.approx(2 * k * 4 * (n - 1) / n)
+    assert t.total == pytest.approx(3 * n * m * 4 * (n - 1) / n + t.of("reduce-scatter") + t.of("all-reduce"))
+    assert not t.notes
+
+
+@pytest.mark.parametrize("name, spec", [("tpu", "tpu:v5e-4"), ("gpu", "gpu:h100x2"), ("gpu", "gpu:h100x8")])
+def test_pico_tiny_sends_no_more_than_fsdp_needs_and_sums_gradients_in_float32(name, spec):
+    """The shipped config at pico tiny, 4 sequences per chip, one micro-batch: what its train step sends between
+    chips (counted from the compiled text, loops weighted by their trips) within 1.15x of FSDP's minimum, and no
+    gradient reduced in bfloat16 (before _cast_matmul, XLA:GPU reduce-scattered the block weights' in bf16)."""
+    compile_target(spec)
+    n = len(chips.target(spec).devices())
+    cfg = config.compose(name, ["size=tiny", "data.grad_accum=1", f"data.batch_size={4 * n}", f"eval.batch_size={n}"])
+    b = aot.build(cfg, spec)
+    s = aot.traffic_summary(aot.compile_train(b), b, 1)
+    assert s["total"] <= 1.15 * s["minimum"], s
+    assert s["bf16_reductions"] == 0 and not s["notes"], s
+
+
 def test_two_compile_only_processes_run_at_once_and_quietly(tmp_path):
     """libtpu's one-process lockfile does not stop a second compile-only process (aot.compile_only_host), and
     libtpu says nothing of the TPU VM it is not on."""
@@ -241,6 +286,23 @@ def test_trainer_checks_memory_before_its_first_step_on_an_accelerator(tiny_cfg,
     with pytest.raises(config.ConfigError, match=r"does not fit: .* the largest micro-batch that fits is 8 "
                                                  r"sequences: data.grad_accum=2; knobs"):
         train.Trainer(cfg)
+
+
+def test_grad_accum_auto_takes_the_fewest_micro_batches_that_fit(tiny_cfg, monkeypatch):
+    """data.grad_accum=auto on a chip (played on CPU with a chip of a few MB, as above): 1 where the whole batch fits
+    with 10% to spare, else the fewest micro-batches that do; 1 without an accelerator."""
+    cfg = tiny_cfg("data.batch_size=32")
+    small = chips.Chip("a small chip", "tpu", ("small",), 1e12, 1e12, 0, 1e11)
+    two = aot.compile_train(aot.Build(cfg, chips.Target("cpu", small, 8, ""), *_built(cfg)), grad_accum=2)
+    for hbm, chosen in ((1e12, 1), (two.memory.total / 0.9 + 1, 2)):  # 2 x 16 fits just, with 10% to spare
+        here = chips.Target("cpu", dataclasses.replace(small, hbm=hbm), 8, "")
+        monkeypatch.setattr(chips, "here", lambda: here)
+        trainer = train.Trainer(tiny_cfg("data.batch_size=32", "data.grad_accum=auto"))
+        assert trainer.cfg.data.grad_accum == chosen and trainer.train_step.grad_accum == chosen
+        assert f"data.grad_accum=auto: {chosen} (micro-batches of {32 // chosen} sequences)" in trainer.accum_note
+    monkeypatch.setattr(chips, "here", lambda: None)
+    trainer = train.Trainer(tiny_cfg("data.batch_size=32", "data.grad_accum=auto"))
+    assert trainer.cfg.data.grad_accum == 1 and "no accelerator here" in trainer.accum_note
 
 
 def _built(cfg):
