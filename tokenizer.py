@@ -87,13 +87,16 @@ def path(d, spec=None) -> Path | None:
     return p
 
 
-def load(p: Path | None):
-    """The tokenizers.Tokenizer at `p` (None: None)."""
-    return None if p is None else prepare.load_tokenizer(p)
-
-
-def check_vocab(tok, where, vocab_size: int):
-    """A tokenizer whose ids do not fit model.vocab_size cannot be the run's."""
+def load(p: Path | None, vocab_size: int):
+    """The tokenizers.Tokenizer at `p` (None: None), whose ids must fit model.vocab_size to be the run's."""
+    tok = None if p is None else prepare.load_tokenizer(p)
     if tok is not None and tok.get_vocab_size() > vocab_size:
-        raise DataError(f"the tokenizer {where} has {tok.get_vocab_size()} ids but model.vocab_size={vocab_size}; "
+        raise DataError(f"the tokenizer {p} has {tok.get_vocab_size()} ids but model.vocab_size={vocab_size}; "
                         f"set model.vocab_size>={tok.get_vocab_size()} (a multiple of 64 is fastest)")
+    return tok
+
+
+def note(p: Path | None) -> str:
+    """The start-up line on the run's tokenizer."""
+    return f"tokenizer: {p}" if p else \
+        "tokenizer: none (no data.tokenizer, no tokenizer.json beside the data): samples print token ids"

@@ -127,8 +127,7 @@ class Trainer:
         # the tokenizer and the data first: a bad source fails before anything compiles
         self.tokenizer_path = tokenizer.path(cfg.data)
         self.train_rows, self.valid_rows, dynamics_rows, eval_sets = data.open_run_data(cfg)
-        tok = tokenizer.load(self.tokenizer_path)
-        tokenizer.check_vocab(tok, self.tokenizer_path, cfg.model.vocab_size)
+        tok = tokenizer.load(self.tokenizer_path, cfg.model.vocab_size)
         self.train_data = data.TrainData(self.train_rows, cfg.seed, cfg.data.batch_size, cfg.data.order)
         c = cfg.checkpoint
         self.ckpt = Checkpoints(c.dir, c.keep, c["async"])
@@ -241,7 +240,7 @@ class Trainer:
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
         tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
                 "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
-        notes = [data.epochs_note(self.train_rows, cfg), self.tokenizer_note(), self.init_note, *self.mcfg.notes(),
+        notes = [data.epochs_note(self.train_rows, cfg), tokenizer.note(self.tokenizer_path), self.init_note, *self.mcfg.notes(),
                  self.accum_note, self.memory_note, self.saver.dynamics_note, self.saver.hf_note, tasks,
                  *self.relora.notes(self.graphdef, self.state), self.mask_note,
                  *(self.objective.notes(self.model) if self.objective else ())]
@@ -249,10 +248,6 @@ class Trainer:
             if note:
                 print(note)
         self.record.start_wandb(cfg, self.n_params)
-
-    def tokenizer_note(self) -> str:
-        return f"tokenizer: {self.tokenizer_path}" if self.tokenizer_path else \
-            "tokenizer: none (no data.tokenizer, no tokenizer.json beside the data): samples print token ids"
 
     def run(self) -> dict:
         cfg, steps = self.cfg, self.cfg.train.steps

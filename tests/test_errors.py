@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
 
+import prepare
 import train
 from conftest import ROOT
 from data import DataError
@@ -107,6 +108,15 @@ def test_a_tokenizer_path_that_is_not_there(tiny_cfg, tmp_path):
     with pytest.raises(DataError, match=words(f"data.tokenizer={tmp_path / 'nope.json'}", "no such file",
                                               "Hub tokenizer id")):
         train.Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'nope.json'}"))
+
+
+def test_a_tokenizer_with_more_ids_than_the_model(tiny_cfg, tmp_path):
+    tok = prepare.train_bpe(["a small text for a small tokenizer"], 300)
+    tok.add_tokens([f"extra{i}" for i in range(4200)])  # past the local config's 4096
+    tok.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(DataError, match=words(str(tmp_path / "tokenizer.json"), f"{tok.get_vocab_size()} ids",
+                                              "model.vocab_size=4096", "model.vocab_size>=")):
+        train.Trainer(tiny_cfg(f"data.tokenizer={tmp_path / 'tokenizer.json'}"))
 
 
 def test_wandb_online_without_credentials(tiny_cfg, tmp_path, monkeypatch):
