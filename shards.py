@@ -45,6 +45,13 @@ def check_sequence(names: list[str], where):
                         f"{names[0]})")
 
 
+def endpoint_name(endpoint) -> str:
+    """Which Hub a fetch asked, for its error message: data.hf_endpoint, else HF_ENDPOINT, else the Hub."""
+    if endpoint:
+        return f"data.hf_endpoint={endpoint}"
+    return f"HF_ENDPOINT={os.environ['HF_ENDPOINT']}" if os.environ.get("HF_ENDPOINT") else "the Hub"
+
+
 def cache_folder(cache_dir, repo: str) -> Path:
     return Path(cache_dir).expanduser() / "hub" / repo.replace("/", "--")
 
@@ -73,9 +80,8 @@ class HubFiles:
                 print(f"data: the Hub dataset {self.repo} could not be listed ({brief(e, 80)}); using its listing "
                       f"cached in {listing}")
                 return json.loads(listing.read_text())
-            where = f"data.hf_endpoint={self.endpoint}" if self.endpoint else \
-                f"HF_ENDPOINT={os.environ['HF_ENDPOINT']}" if os.environ.get("HF_ENDPOINT") else "the Hub"
-            raise DataError(f"the Hub dataset {self.repo} could not be listed from {where} ({brief(e)}). Check the "
+            raise DataError(f"the Hub dataset {self.repo} could not be listed from {endpoint_name(self.endpoint)} "
+                            f"({brief(e)}). Check the "
                             f"name; without the network here: fetch the shards the run needs where there is one "
                             f"(`hf download {self.repo} --repo-type dataset --include 'data/train-0000*' --local-dir "
                             f"DIR`) and set data.dir=DIR (or use your own .bin files: data.dir=DIR), set "

@@ -12,9 +12,11 @@ import tempfile
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
+
 import data
 import prepare
 from config import DataError, brief
+from shards import endpoint_name
 
 # what pico-train saves with each checkpoint (tokenizer.save_pretrained) and a Hub tokenizer is fetched as
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -48,11 +50,10 @@ def fetch(repo: str, cache_dir, endpoint=None) -> Path:
             snapshot_download(name, revision=revision or None, allow_patterns=list(FILES), local_dir=tmp,
                               endpoint=endpoint)
         except Exception as e:
-            where = f"data.hf_endpoint={endpoint}" if endpoint else \
-                f"HF_ENDPOINT={os.environ['HF_ENDPOINT']}" if os.environ.get("HF_ENDPOINT") else "the Hub"
             offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") else ""
             raise DataError(
-                f"the tokenizer {repo} (data.tokenizer) could not be fetched from {where}{offline}: {brief(e)}. "
+                f"the tokenizer {repo} (data.tokenizer) could not be fetched from {endpoint_name(endpoint)}{offline}: "
+                f"{brief(e)}. "
                 f"Check the name; without the network here, fetch it where there is one (`hf download {name} "
                 f"{' '.join(FILES)} --local-dir {out}`) and copy that folder here, point data.tokenizer at a "
                 f"tokenizer.json, or set data.hf_endpoint to a Hub mirror you can reach") from None

@@ -240,9 +240,9 @@ class Trainer:
               f"({self.train_rows.n_tokens:,} train tokens) | peak {peak / 1e12:.3g} TFLOP/s ({source})")
         tasks = f"eval.tasks={list(cfg.eval.tasks)} run on the final checkpoint after training (main.py; from " \
                 "Python: lmeval.after_training(cfg, final))" if cfg.eval.tasks else None
-        notes = [data.epochs_note(self.train_rows, cfg), tokenizer.note(self.tokenizer_path), self.init_note, *self.mcfg.notes(),
-                 self.accum_note, self.memory_note, self.saver.dynamics_note, self.saver.hf_note, tasks,
-                 *self.relora.notes(self.graphdef, self.state), self.mask_note,
+        notes = [data.epochs_note(self.train_rows, cfg), tokenizer.note(self.tokenizer_path), self.init_note,
+                 *self.mcfg.notes(), self.accum_note, self.memory_note, self.saver.dynamics_note, self.saver.hf_note,
+                 tasks, *self.relora.notes(self.graphdef, self.state), self.mask_note,
                  *(self.objective.notes(self.model) if self.objective else ())]
         for note in notes:
             if note:
