@@ -198,22 +198,26 @@ def tokenizer_files(tokenizer_json, out: Path, seq_len: int) -> dict:
     so that AutoTokenizer gives eos / bos ids; one without prepare.EOT declares none."""
     tokenizer_json = Path(tokenizer_json)
     shutil.copy(tokenizer_json, out / "tokenizer.json")
-    if (tokenizer_json.parent / "tokenizer_config.json").exists():
-        return _copy_tokenizer_config(tokenizer_json, out)
-    eot = prepare.load_tokenizer(tokenizer_json).token_to_id(prepare.EOT)
-    special = {} if eot is None else dict(bos_token=prepare.EOT, eos_token=prepare.EOT, unk_token=prepare.EOT)
-    ids = {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
-    (out / "tokenizer_config.json").write_text(json.dumps(dict(
-        tokenizer_class="PreTrainedTokenizerFast", model_max_length=seq_len, add_bos_token=False,
-        add_eos_token=False, clean_up_tokenization_spaces=False, **special), indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    own = (tokenizer_json.parent / "tokenizer_config.json").exists()
+    ids = _copy_tokenizer_config(tokenizer_json, out) if own else _declare_eot(tokenizer_json, out, seq_len)
     (out / "generation_config.json").write_text(json.dumps(dict(_from_model_config=True, **ids), indent=2) + "\n")
     return ids
 
 
+def _declare_eot(tokenizer_json: Path, out: Path, seq_len: int) -> dict:
+    """tokenizer_config.json and special_tokens_map.json declaring prepare.EOT; returns its ids as bos / eos."""
+    eot = prepare.load_tokenizer(tokenizer_json).token_to_id(prepare.EOT)
+    special = {} if eot is None else dict(bos_token=prepare.EOT, eos_token=prepare.EOT, unk_token=prepare.EOT)
+    (out / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="PreTrainedTokenizerFast", model_max_length=seq_len, add_bos_token=False,
+        add_eos_token=False, clean_up_tokenization_spaces=False, **special), indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return {} if eot is None else dict(bos_token_id=eot, eos_token_id=eot)
+
+
 def _copy_tokenizer_config(tokenizer_json: Path, out: Path) -> dict:
-    """A tokenizer's own tokenizer_config.json and special_tokens_map.json into `out`, and generation_config.json
-    with the ids of its bos / eos / pad tokens; returns those ids."""
+    """A tokenizer's own tokenizer_config.json and special_tokens_map.json into `out`; returns the ids of its
+    bos / eos / pad tokens."""
     for name in tokenizer.FILES[1:]:
         if (tokenizer_json.parent / name).exists():
             shutil.copy(tokenizer_json.parent / name, out / name)
@@ -224,7 +228,6 @@ def _copy_tokenizer_config(tokenizer_json: Path, out: Path) -> dict:
         token = token.get("content") if isinstance(token, dict) else token
         if token is not None and (i := tok.token_to_id(token)) is not None:
             ids[f"{kind}_token_id"] = i
-    (out / "generation_config.json").write_text(json.dumps(dict(_from_model_config=True, **ids), indent=2) + "\n")
     return ids
 
 
